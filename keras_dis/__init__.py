@@ -1,0 +1,21 @@
+"""keras_dis: fast knowledge distillation for many classes (DIS), Keras 3."""
+
+from keras_dis.src import losses
+from keras_dis.src import proposals
+from keras_dis.src.callbacks import ProposalScheduler
+from keras_dis.src.distiller import Distiller
+from keras_dis.src.head import SampledDistillationHead
+from keras_dis.src.losses import DISLoss
+from keras_dis.src.teacher_targets import pack_teacher_targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DISLoss",
+    "Distiller",
+    "ProposalScheduler",
+    "SampledDistillationHead",
+    "losses",
+    "pack_teacher_targets",
+    "proposals",
+]

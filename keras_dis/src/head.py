@@ -1,0 +1,206 @@
+"""`SampledDistillationHead`: the student's last layer, sampled in training."""
+
+import threading
+
+import keras
+from keras import ops
+
+from keras_dis.src import proposals as proposals_module
+
+_step = threading.local()
+
+
+def pop_training_head():
+    """The head that ran in training mode in this step, if any, and forget
+    it (`DISLoss` calls this once per step)."""
+    head = getattr(_step, "head", None)
+    _step.head = None
+    return head
+
+
+@keras.saving.register_keras_serializable(package="keras_dis")
+class SampledDistillationHead(keras.layers.Layer):
+    """The student's classification layer, with logits computed on demand.
+
+    Owns a class-major kernel of shape `(num_classes, features_dim)` (a row
+    per class, cheap to gather) and a bias. At inference it is an ordinary
+    dense classifier: it returns the full logits `(batch, num_classes)`, so a
+    trained student needs nothing special.
+
+    In training (`training=True`, as inside `fit`) it returns its input
+    features unchanged and marks itself as the head of the step; the loss
+    that follows (`keras_dis.DISLoss`) then computes logits only for the
+    classes it samples, by gathering their rows
+    (`sampled_logits(features, classes)`): `O(batch * k * d)` work instead
+    of `O(batch * C * d)`. The head must therefore be the model's output.
+
+    It also keeps the state of the DIS proposal as non-trainable weights,
+    so it is saved with the model: `rank_proposal`, the probability of
+    each teacher rank, and `right_scale`, the current second Laplace scale
+    (annealed by `keras_dis.ProposalScheduler`), plus the sampler's seed.
+
+    Args:
+        num_classes: int, the number of classes `C`.
+        use_bias: bool, whether to add a bias.
+        kernel_initializer: initializer of the `(C, d)` kernel.
+        bias_initializer: initializer of the bias.
+        rank_proposal: a `keras_dis.proposals.LaplaceMixtureProposal`, the
+            shape of the DIS proposal; defaults to the paper's scales in
+            ranks (3 and 5).
+        seed: optional int, seed of the class sampler.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Example:
+
+    >>> head = SampledDistillationHead(num_classes=10)
+    >>> features = np.ones((2, 4), "float32")
+    >>> head(features).shape
+    (2, 10)
+    >>> head.sampled_logits(features, np.array([[3, 1], [0, 9]])).shape
+    (2, 2)
+    """
+
+    def __init__(
+        self,
+        num_classes,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        rank_proposal=None,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(
+                "`num_classes` must be an integer >= 2. "
+                f"Received: num_classes={num_classes}"
+            )
+        if rank_proposal is None:
+            rank_proposal = proposals_module.LaplaceMixtureProposal()
+        elif isinstance(rank_proposal, dict):
+            rank_proposal = keras.saving.deserialize_keras_object(rank_proposal)
+        if not isinstance(rank_proposal, proposals_module.LaplaceMixtureProposal):
+            raise ValueError(
+                "`rank_proposal` must be a "
+                "keras_dis.proposals.LaplaceMixtureProposal. "
+                f"Received: rank_proposal={rank_proposal!r}"
+            )
+        self.num_classes = num_classes
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.rank_proposal_config = rank_proposal
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.input_spec = keras.layers.InputSpec(ndim=2)
+
+    def build(self, input_shape):
+        if len(input_shape) != 2:
+            raise ValueError(
+                "`SampledDistillationHead` expects features of shape "
+                f"(batch, features_dim). Received: input_shape={input_shape}"
+            )
+        features_dim = input_shape[-1]
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(self.num_classes, features_dim),
+            initializer=self.kernel_initializer,
+        )
+        self.bias = (
+            self.add_weight(
+                name="bias",
+                shape=(self.num_classes,),
+                initializer=self.bias_initializer,
+            )
+            if self.use_bias
+            else None
+        )
+        self.right_scale = self.add_weight(
+            name="right_scale",
+            shape=(),
+            initializer=keras.initializers.Constant(
+                self.rank_proposal_config.right_scale
+            ),
+            trainable=False,
+            autocast=False,
+        )
+        self.rank_proposal = self.add_weight(
+            name="rank_proposal",
+            shape=(self.num_classes,),
+            initializer=keras.initializers.Constant(
+                self.rank_proposal_config.rank_probabilities(self.num_classes)
+            ),
+            trainable=False,
+            autocast=False,
+        )
+
+    def set_right_scale(self, right_scale):
+        """Sets the second Laplace scale and recomputes `rank_proposal`.
+
+        Runs on the host (tensorflow-probability's NumPy substrate); call it
+        between steps, as `ProposalScheduler` does once per epoch.
+        """
+        probabilities = self.rank_proposal_config.rank_probabilities(
+            self.num_classes, right_scale=right_scale
+        )
+        self.right_scale.assign(float(right_scale))
+        self.rank_proposal.assign(probabilities)
+
+    def full_logits(self, features):
+        """Logits of every class, `(batch, num_classes)`."""
+        kernel = ops.cast(self.kernel, features.dtype)
+        logits = ops.matmul(features, ops.transpose(kernel))
+        if self.use_bias:
+            logits = logits + ops.cast(self.bias, features.dtype)
+        return logits
+
+    def sampled_logits(self, features, classes):
+        """Logits of the given classes only.
+
+        Args:
+            features: float tensor `(batch, d)`.
+            classes: int tensor `(batch, n)` of class ids.
+
+        Returns:
+            Tensor `(batch, n)`: `features[b] . kernel[classes[b, j]] +
+            bias[classes[b, j]]`, computed from `batch * n` gathered rows.
+        """
+        kernel_rows = ops.take(self.kernel, classes, axis=0)  # (batch, n, d)
+        kernel_rows = ops.cast(kernel_rows, features.dtype)
+        logits = ops.einsum("bd,bnd->bn", features, kernel_rows)
+        if self.use_bias:
+            logits = logits + ops.cast(
+                ops.take(self.bias, classes, axis=0), features.dtype
+            )
+        return logits
+
+    def call(self, inputs, training=None):
+        if training:
+            _step.head = self
+            return inputs
+        _step.head = None
+        return self.full_logits(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.num_classes,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_classes": self.num_classes,
+                "use_bias": self.use_bias,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+                "bias_initializer": keras.initializers.serialize(
+                    self.bias_initializer
+                ),
+                "rank_proposal": keras.saving.serialize_keras_object(
+                    self.rank_proposal_config
+                ),
+                "seed": self.seed,
+            }
+        )
+        return config

@@ -1,0 +1,202 @@
+"""The sampled-softmax distillation math, as pure `keras.ops` functions.
+
+Notation follows `METHOD.md` (Alg. 1 of the DIS paper): for one sample with
+target `y`, proposal `r` and sampled classes `S` (the target, with `r_y := 1`,
+then `m` draws with replacement from `r`):
+
+    s'_k = s_k / T - log r_k        t'_k = t_k / T - log r_k
+    L    = CE(softmax(t'), softmax(s'))     over the entries of S
+
+whose gradient with respect to `s_k` is `(softmax(s')_k - softmax(t')_k) / T`.
+Nothing here is larger than `(batch, m + 1)` apart from the rank bins
+`(batch or 1, R + 1)`.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+
+def _bin_cdf(log_bins):
+    """Normalised CDF of rank bins; its last entry is exactly 1."""
+    log_bins = log_bins - ops.max(log_bins, axis=-1, keepdims=True)
+    cumulative = ops.cumsum(ops.exp(log_bins), axis=-1)
+    return cumulative / cumulative[:, -1:]
+
+
+def sample_rank_bins(log_bins, batch_size, num_samples, seed):
+    """Draws rank bins with replacement from their log-probabilities.
+
+    Inverse-CDF sampling: one uniform number per draw, located in the CDF.
+    A bin of probability zero is never drawn.
+
+    Args:
+        log_bins: float tensor `(1, R + 1)` (a proposal shared by the batch)
+            or `(batch, R + 1)` (one per sample).
+        batch_size: int or scalar tensor, the batch size.
+        num_samples: int, `m`, draws per sample.
+        seed: a `keras.random.SeedGenerator` or int.
+
+    Returns:
+        int32 tensor of shape `(batch, num_samples)` of bin indices.
+    """
+    cdf = _bin_cdf(ops.cast(log_bins, "float32"))
+    uniform = keras.random.uniform((batch_size, num_samples), seed=seed)
+    if log_bins.shape[0] == 1:
+        bins = ops.reshape(
+            ops.searchsorted(cdf[0], ops.reshape(uniform, (-1,)), side="right"),
+            (batch_size, num_samples),
+        )
+    else:
+        bins = ops.sum(
+            ops.cast(cdf[:, None, :] <= uniform[:, :, None], "int32"), axis=-1
+        )
+    return ops.minimum(ops.cast(bins, "int32"), log_bins.shape[-1] - 1)
+
+
+def nth_class_outside(sorted_classes, positions):
+    """The `n`-th class id (0-based) that is not in a sorted set, per row.
+
+    Maps a uniform draw over the `C - R` tail classes to a class id without
+    materialising the tail: the answer is `n + #{i : sorted[i] - i <= n}`.
+
+    Args:
+        sorted_classes: int tensor `(batch, R)`, ascending, distinct per row.
+        positions: int tensor `(batch, m)` with values in `[0, C - R)`.
+
+    Returns:
+        int32 tensor `(batch, m)` of class ids outside `sorted_classes`.
+    """
+    top_r = sorted_classes.shape[-1]
+    offsets = sorted_classes - ops.arange(top_r, dtype="int32")[None, :]
+    skipped = ops.sum(
+        ops.cast(offsets[:, None, :] <= positions[:, :, None], "int32"),
+        axis=-1,
+    )
+    return positions + skipped
+
+
+def sample_classes(
+    log_bins, top_classes, top_logits, tail_logits, num_classes, num_samples, seed
+):
+    """Samples classes by teacher rank and looks up what the loss needs.
+
+    Args:
+        log_bins: `(1 or batch, R + 1)` log-probabilities of the rank bins.
+        top_classes: int `(batch, R)`, the teacher's top classes per sample.
+        top_logits: float `(batch, R)`, their teacher logits.
+        tail_logits: float `(batch,)`, the teacher logit of tail classes.
+        num_classes: int, `C`.
+        num_samples: int, `m`.
+        seed: a `keras.random.SeedGenerator` or int.
+
+    Returns:
+        A tuple `(classes, teacher_logits, log_proposal)`, each of shape
+        `(batch, num_samples)`: the sampled class ids, their teacher logits
+        and the log-probability of drawing each class.
+    """
+    batch_size = ops.shape(top_classes)[0]
+    top_r = top_classes.shape[-1]
+    tail_size = num_classes - top_r
+    bins = sample_rank_bins(log_bins, batch_size, num_samples, seed)
+    in_top = bins < top_r
+    top_position = ops.minimum(bins, top_r - 1)
+    classes = ops.take_along_axis(top_classes, top_position, axis=-1)
+    teacher_logits = ops.take_along_axis(top_logits, top_position, axis=-1)
+    log_bins = ops.broadcast_to(log_bins, (batch_size, top_r + 1))
+    log_proposal = ops.take_along_axis(log_bins, bins, axis=-1)
+    if tail_size > 0:
+        tail_position = keras.random.randint(
+            (batch_size, num_samples), 0, tail_size, seed=seed, dtype="int32"
+        )
+        tail_classes = nth_class_outside(
+            ops.sort(top_classes, axis=-1), tail_position
+        )
+        classes = ops.where(in_top, classes, tail_classes)
+        teacher_logits = ops.where(
+            in_top, teacher_logits, tail_logits[:, None]
+        )
+        log_proposal = ops.where(
+            in_top, log_proposal, log_proposal - math.log(tail_size)
+        )
+    return classes, teacher_logits, log_proposal
+
+
+def label_teacher_logits(labels, top_classes, top_logits, tail_logits):
+    """The teacher logit of each sample's label, `(batch,)`.
+
+    The label's logit from the cached ranking, or the tail logit when the
+    label is outside the top `R`.
+    """
+    is_label = ops.cast(top_classes == labels[:, None], "float32")
+    in_top = ops.sum(is_label, axis=-1) > 0
+    return ops.where(in_top, ops.sum(is_label * top_logits, axis=-1), tail_logits)
+
+
+def distillation_cross_entropy(
+    student_logits,
+    teacher_logits,
+    temperature=1.0,
+    log_proposal=None,
+    distillation_weight=1.0,
+    label_position=None,
+    labels=None,
+):
+    """`lambda * CE(softmax(t'), softmax(s')) + (1 - lambda) * CE(y, s)`.
+
+    The one estimator behind every method: with `log_proposal` it is the
+    self-normalised importance-sampling loss of Alg. 1 over sampled classes
+    (entries may repeat, and repeats count); without it, over all classes,
+    it is plain distillation.
+
+    Args:
+        student_logits: float `(batch, n)`, student logits of the classes.
+        teacher_logits: float `(batch, n)`, teacher logits of the same
+            classes (no gradient flows into them).
+        temperature: float > 0, `T`.
+        log_proposal: optional float `(batch, n)`, `log r_k` (0 for the
+            target, whose `r_y` is 1).
+        distillation_weight: float in [0, 1], `lambda`.
+        label_position: optional int, column of the label in the logits
+            (0 for sampled classes); the hard-label term needs it or
+            `labels`.
+        labels: optional int `(batch,)`, label columns (full logits).
+
+    Returns:
+        float32 tensor `(batch,)`, the loss per sample.
+    """
+    student_logits = ops.cast(student_logits, "float32")
+    teacher_logits = ops.stop_gradient(ops.cast(teacher_logits, "float32"))
+    correction = 0.0 if log_proposal is None else log_proposal
+    loss = 0.0
+    if distillation_weight > 0:
+        teacher_probabilities = ops.softmax(
+            teacher_logits / temperature - correction, axis=-1
+        )
+        student_log_probabilities = ops.log_softmax(
+            student_logits / temperature - correction, axis=-1
+        )
+        # 0 * log(0) is 0: a class the teacher gives no mass adds nothing.
+        loss = -ops.sum(
+            ops.where(
+                teacher_probabilities > 0,
+                teacher_probabilities * student_log_probabilities,
+                0.0,
+            ),
+            axis=-1,
+        )
+        loss = distillation_weight * loss
+    if distillation_weight < 1:
+        log_probabilities = ops.log_softmax(student_logits - correction, axis=-1)
+        if labels is None:
+            label_log_probability = log_probabilities[:, label_position]
+        else:
+            label_log_probability = ops.squeeze(
+                ops.take_along_axis(
+                    log_probabilities, ops.cast(labels, "int32")[:, None], axis=-1
+                ),
+                axis=-1,
+            )
+        loss = loss - (1.0 - distillation_weight) * label_log_probability
+    return loss
