@@ -178,18 +178,21 @@ def load_market1501(root):
             f"`{TRAIN_FOLDER}`, `{GALLERY_FOLDER}` and `{QUERY_FOLDER}`. "
             f"Received: root={root!r}, which is not a folder."
         )
-    train_fields = _read_split(root, TRAIN_FOLDER)
-    train_person_ids = train_fields[1]
-    if np.any(train_person_ids <= DISTRACTOR_PERSON_ID):
+    image_paths, person_ids, camera_ids = _read_split(root, TRAIN_FOLDER)
+    if np.any(person_ids <= DISTRACTOR_PERSON_ID):
         raise ValueError(
             f"`{TRAIN_FOLDER}` must only hold real identities, but holds "
             "junk (`-1`) or distractor (`0000`) images. "
             f"Received: root={root!r}"
         )
-    label_person_ids, labels = np.unique(train_person_ids, return_inverse=True)
+    label_person_ids, labels = np.unique(person_ids, return_inverse=True)
     return Market1501(
         train=Market1501TrainSplit(
-            *train_fields, labels=labels, label_person_ids=label_person_ids
+            image_paths=image_paths,
+            person_ids=person_ids,
+            camera_ids=camera_ids,
+            labels=labels,
+            label_person_ids=label_person_ids,
         ),
         gallery=Market1501Split(*_read_split(root, GALLERY_FOLDER)),
         query=Market1501Split(*_read_split(root, QUERY_FOLDER)),
@@ -247,15 +250,15 @@ def write_market1501_folder(root, num_ids=8, images_per_id=6, seed=0):
     """Writes a small generated data set in the Market-1501 layout.
 
     Creates `bounding_box_train`, `bounding_box_test` and `query` under
-    `root`, with 128x64 JPEG images named in the official format and a
-    `Thumbs.db` file in each folder, as in the official release. The training
-    and test identities are distinct person ids drawn from 1 to 1501. Each
-    test identity has one query image from a random camera and
-    `images_per_id` gallery images from the cameras that follow it in turn,
-    so the gallery always has a match under another camera and, once
-    `images_per_id >= 6`, one under the query's own camera too. The gallery
-    also holds `num_ids` junk (`-1`) and `num_ids` distractor (`0000`)
-    images.
+    `root`, with 128x64 JPEG images named in the official format and an
+    empty `Thumbs.db` file in each folder, like those the official release
+    contains. The training and test identities are distinct person ids
+    drawn from 1 to 1501. Each test identity has one query image from a
+    random camera and `images_per_id` gallery images from the cameras that
+    follow it in turn, so the gallery always has a match under another
+    camera and, once `images_per_id >= 6`, one under the query's own camera
+    too. The gallery also holds `num_ids` junk (`-1`) and `num_ids`
+    distractor (`0000`) images.
 
     Each identity wears its own upper and lower clothing colours in front of
     a background coloured by the camera, plus noise, so a small model can

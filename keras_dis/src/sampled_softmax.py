@@ -68,6 +68,8 @@ def nth_class_outside(sorted_classes, positions):
     Returns:
         int32 tensor `(batch, m)` of class ids outside `sorted_classes`.
     """
+    sorted_classes = ops.cast(sorted_classes, "int32")
+    positions = ops.cast(positions, "int32")
     top_r = sorted_classes.shape[-1]
     offsets = sorted_classes - ops.arange(top_r, dtype="int32")[None, :]
     skipped = ops.sum(
@@ -96,6 +98,9 @@ def sample_classes(
         `(batch, num_samples)`: the sampled class ids, their teacher logits
         and the log-probability of drawing each class.
     """
+    top_classes = ops.cast(top_classes, "int32")
+    top_logits = ops.cast(top_logits, "float32")
+    tail_logits = ops.cast(tail_logits, "float32")
     batch_size = ops.shape(top_classes)[0]
     top_r = top_classes.shape[-1]
     tail_size = num_classes - top_r
@@ -129,6 +134,10 @@ def label_teacher_logits(labels, top_classes, top_logits, tail_logits):
     The label's logit from the cached ranking, or the tail logit when the
     label is outside the top `R`.
     """
+    labels = ops.cast(labels, "int32")
+    top_classes = ops.cast(top_classes, "int32")
+    top_logits = ops.cast(top_logits, "float32")
+    tail_logits = ops.cast(tail_logits, "float32")
     is_label = ops.cast(top_classes == labels[:, None], "float32")
     in_top = ops.sum(is_label, axis=-1) > 0
     return ops.where(in_top, ops.sum(is_label * top_logits, axis=-1), tail_logits)
@@ -168,7 +177,9 @@ def distillation_cross_entropy(
     """
     student_logits = ops.cast(student_logits, "float32")
     teacher_logits = ops.stop_gradient(ops.cast(teacher_logits, "float32"))
-    correction = 0.0 if log_proposal is None else log_proposal
+    correction = (
+        0.0 if log_proposal is None else ops.cast(log_proposal, "float32")
+    )
     loss = 0.0
     if distillation_weight > 0:
         teacher_probabilities = ops.softmax(
