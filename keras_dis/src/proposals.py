@@ -230,8 +230,20 @@ class LaplaceMixtureProposal:
             A float32 NumPy array of shape `(num_classes,)` summing to 1.
         """
         edges = np.arange(num_classes + 1, dtype="float64")
-        cdf = self.mixture(num_classes, right_scale).cdf(edges)
-        probabilities = np.diff(cdf)
+        lower, upper = edges[:-1, None], edges[1:, None]
+        mixture = self.mixture(num_classes, right_scale)
+        components = mixture.components_distribution
+        locations = components.loc[None, :]
+        # A bin's mass as a CDF difference below a component's location and
+        # a survival difference above it: both stay accurate far in the
+        # tails, where a CDF difference would round to zero.
+        masses = np.where(
+            upper <= locations,
+            components.cdf(upper) - components.cdf(lower),
+            components.survival_function(lower)
+            - components.survival_function(upper),
+        )
+        probabilities = masses @ mixture.mixture_distribution.probs_parameter()
         probabilities = probabilities / probabilities.sum()
         return probabilities.astype("float32")
 
