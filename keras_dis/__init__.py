@@ -6,6 +6,8 @@ from keras_dis.src.callbacks import ProposalScheduler
 from keras_dis.src.distiller import Distiller
 from keras_dis.src.head import SampledDistillationHead
 from keras_dis.src.losses import DISLoss
+from keras_dis.src.teacher_cache import TeacherCache
+from keras_dis.src.teacher_cache import TeacherCacheDataset
 from keras_dis.src.teacher_targets import pack_teacher_targets
 
 __version__ = "0.1.0"
@@ -15,6 +17,8 @@ __all__ = [
     "Distiller",
     "ProposalScheduler",
     "SampledDistillationHead",
+    "TeacherCache",
+    "TeacherCacheDataset",
     "losses",
     "pack_teacher_targets",
     "proposals",

@@ -1,0 +1,142 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+from keras.src import testing
+
+from keras_dis.src import proposals
+from keras_dis.src.head import SampledDistillationHead
+from keras_dis.src.head import pop_training_head
+
+
+class SampledDistillationHeadLayerTest(testing.TestCase):
+    @pytest.mark.requires_trainable_backend
+    def test_layer_conformance(self):
+        # The training check of the harness fits the layer's output to
+        # targets of the inference shape; in training this head passes its
+        # features to `DISLoss` instead, which test_losses.py trains.
+        self.run_layer_test(
+            SampledDistillationHead,
+            init_kwargs={"num_classes": 5, "seed": 1},
+            input_shape=(2, 3),
+            expected_output_shape=(2, 5),
+            expected_num_trainable_weights=2,
+            expected_num_non_trainable_weights=2,
+            expected_num_seed_generators=1,
+            supports_masking=False,
+            run_training_check=False,
+        )
+
+    def test_layer_conformance_without_bias(self):
+        self.run_layer_test(
+            SampledDistillationHead,
+            init_kwargs={"num_classes": 4, "use_bias": False},
+            input_shape=(3, 6),
+            expected_output_shape=(3, 4),
+            expected_num_trainable_weights=1,
+            expected_num_non_trainable_weights=2,
+            supports_masking=False,
+            run_training_check=False,
+        )
+
+
+def build_head(num_classes=7, features_dim=4, **kwargs):
+    head = SampledDistillationHead(
+        num_classes, bias_initializer="random_normal", **kwargs
+    )
+    head.build((None, features_dim))
+    return head
+
+
+def test_full_logits_are_a_dense_layer():
+    head = build_head()
+    features = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    kernel = ops.convert_to_numpy(head.kernel)
+    bias = ops.convert_to_numpy(head.bias)
+    assert kernel.shape == (7, 4)  # class-major rows
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(head(features)), features @ kernel.T + bias, rtol=1e-5
+    )
+
+
+def test_sampled_logits_equal_gathered_full_logits():
+    head = build_head()
+    features = np.random.default_rng(1).normal(size=(3, 4)).astype("float32")
+    classes = np.array([[0, 6, 6], [2, 3, 1], [5, 5, 0]], "int32")
+    full = ops.convert_to_numpy(head(features))
+    sampled = ops.convert_to_numpy(head.sampled_logits(features, classes))
+    np.testing.assert_allclose(
+        sampled, np.take_along_axis(full, classes, axis=-1), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_training_call_passes_features_and_marks_the_head():
+    head = build_head()
+    features = np.ones((2, 4), "float32")
+    output = head(features, training=True)
+    np.testing.assert_array_equal(ops.convert_to_numpy(output), features)
+    assert pop_training_head() is head
+    assert pop_training_head() is None  # taken once per step
+    head(features, training=True)
+    head(features)  # an inference call clears the mark
+    assert pop_training_head() is None
+
+
+def test_initial_rank_proposal_and_set_right_scale():
+    proposal = proposals.LaplaceMixtureProposal(left_scale=2.0, right_scale=4.0)
+    head = build_head(num_classes=50, rank_proposal=proposal)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(head.rank_proposal), proposal.rank_probabilities(50)
+    )
+    assert float(ops.convert_to_numpy(head.right_scale)) == 4.0
+    head.set_right_scale(30.0)
+    assert float(ops.convert_to_numpy(head.right_scale)) == 30.0
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(head.rank_proposal),
+        proposal.rank_probabilities(50, right_scale=30.0),
+    )
+
+
+def test_save_and_load_keras_format(tmp_path):
+    inputs = keras.Input((6,))
+    features = keras.layers.Dense(4, activation="relu")(inputs)
+    outputs = SampledDistillationHead(
+        9,
+        rank_proposal=proposals.LaplaceMixtureProposal(scale_units="fraction"),
+        seed=3,
+    )(features)
+    model = keras.Model(inputs, outputs)
+    model.layers[-1].set_right_scale(0.5)
+    x = np.random.default_rng(2).normal(size=(5, 6)).astype("float32")
+    path = os.path.join(tmp_path, "student.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0))
+    head = restored.layers[-1]
+    assert isinstance(head, SampledDistillationHead)
+    assert head.rank_proposal_config.scale_units == "fraction"
+    assert float(ops.convert_to_numpy(head.right_scale)) == 0.5
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(head.rank_proposal),
+        ops.convert_to_numpy(model.layers[-1].rank_proposal),
+    )
+
+
+@pytest.mark.parametrize("num_classes", [1, 0, 2.5, "10"])
+def test_bad_num_classes(num_classes):
+    with pytest.raises(ValueError, match="num_classes"):
+        SampledDistillationHead(num_classes)
+
+
+def test_bad_rank_proposal():
+    with pytest.raises(ValueError, match="rank_proposal"):
+        SampledDistillationHead(10, rank_proposal=proposals.UniformProposal())
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (5,)])
+def test_features_of_the_wrong_rank(shape):
+    head = SampledDistillationHead(10)
+    with pytest.raises(ValueError, match="features|ndim|input"):
+        head(np.zeros(shape, "float32"))
