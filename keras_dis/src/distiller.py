@@ -6,7 +6,9 @@ from keras import ops
 
 from keras_dis.src import teacher_targets as targets_module
 from keras_dis.src.callbacks import find_heads
+from keras_dis.src.losses import SAMPLED_PROPOSALS
 from keras_dis.src.losses import DISLoss
+from keras_dis.src.row_sparse_optimizers import RowSparseOptimizer
 
 
 @keras.saving.register_keras_serializable(package="keras_dis")
@@ -31,6 +33,17 @@ class Distiller(keras.Model):
     prediction the student returns full logits, and `evaluate()` reports the
     exact full-softmax loss.
 
+    Row-sparse updates (`row_sparse_updates=True`, the default): with a
+    sampled proposal (DIS, FTIS, uniform) and an SGD, Adam or RMSprop
+    optimizer, the head's kernel and bias are not trained by the compiled
+    optimizer but updated lazily, row by row, for the classes a step
+    touched, with that optimizer's hyperparameters (see
+    `keras_dis.src.row_sparse_optimizers` for how lazy Adam differs from
+    dense Adam). No `C x d` gradient or optimizer update is formed, so a
+    step costs `O(B * k * d)` in the head on every backend. Their optimizer
+    state is kept in weights of the distiller (saved with it). The rest of
+    the student is trained by the compiled optimizer as usual.
+
     Relation to `keras.distillation.Distiller` (Keras >= 3.12): same
     argument names (`teacher`, `student`) and the same contract (the
     teacher is frozen, `call` runs the student, the trained student is
@@ -45,6 +58,8 @@ class Distiller(keras.Model):
             `SampledDistillationHead` with `num_classes == C`.
         top_r: optional int, how many teacher-ranked classes to keep per
             sample when the teacher runs online (default: all `C`).
+        row_sparse_updates: bool, update the head's rows lazily (see above)
+            when the loss samples classes.
         name: model name.
         **kwargs: base `keras.Model` arguments.
 
@@ -59,7 +74,15 @@ class Distiller(keras.Model):
     ```
     """
 
-    def __init__(self, teacher, student, top_r=None, name="distiller", **kwargs):
+    def __init__(
+        self,
+        teacher,
+        student,
+        top_r=None,
+        row_sparse_updates=True,
+        name="distiller",
+        **kwargs,
+    ):
         super().__init__(name=name, **kwargs)
         for arg_name, model in (("teacher", teacher), ("student", student)):
             if not isinstance(model, keras.Model):
@@ -91,7 +114,8 @@ class Distiller(keras.Model):
         self.teacher = teacher
         self.student = student
         self.top_r = top_r
-        self.compile()
+        self.row_sparse_updates = row_sparse_updates
+        self._row_sparse_slots = {}
 
     @staticmethod
     def _teacher_num_classes(teacher):
@@ -101,13 +125,56 @@ class Distiller(keras.Model):
             return None
 
     def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
-        """Configures training; `loss` defaults to `keras_dis.DISLoss()`."""
-        super().compile(
-            optimizer=optimizer,
-            loss=DISLoss() if loss is None else loss,
-            metrics=metrics,
-            **kwargs,
+        """Configures training; `loss` defaults to `keras_dis.DISLoss()`.
+
+        `fit` compiles with these defaults when `compile` was not called.
+        """
+        loss = DISLoss() if loss is None else loss
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+        row_sparse = (
+            self.row_sparse_updates
+            and isinstance(loss, DISLoss)
+            and loss.proposal_name in SAMPLED_PROPOSALS
         )
+        if row_sparse:
+            if not self.head.built:
+                raise ValueError(
+                    "Row-sparse updates need a built student: give it an "
+                    "Input (or call `student.build(input_shape)`) before "
+                    "compiling the Distiller."
+                )
+            if kwargs.get("loss_weights") is not None:
+                raise ValueError(
+                    "Row-sparse head updates do not support `loss_weights`. "
+                    f"Received: loss_weights={kwargs['loss_weights']!r}"
+                )
+            updater = RowSparseOptimizer(self.optimizer, self.head, owner=self)
+            updater.reset()
+        else:
+            updater = None
+        self.head.row_sparse_optimizer = updater
+        self.head.kernel.trainable = not row_sparse
+        if self.head.use_bias:
+            self.head.bias.trainable = not row_sparse
+
+    def compile_from_config(self, config):
+        """Recompiles a loaded distiller, row-sparse state included."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def row_sparse_slot(self, name, shape):
+        """The distiller's weight `name` for the row-sparse optimizer state,
+        created (zeros, non-trainable) the first time it is asked for."""
+        if name not in self._row_sparse_slots:
+            self._row_sparse_slots[name] = self.add_weight(
+                name=name,
+                shape=shape,
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+            )
+        return self._row_sparse_slots[name]
 
     def call(self, inputs, training=None):
         return self.student(inputs, training=training)
@@ -140,7 +207,18 @@ class Distiller(keras.Model):
         )
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        """As `keras.Model.fit`; array labels are checked to be in range."""
+        """As `keras.Model.fit`; array labels are checked to be in range, and
+        an uncompiled distiller is compiled with the defaults."""
+        self._compile_if_needed()
+        if self.head.row_sparse_optimizer is not None:
+            callbacks = kwargs.pop("callbacks", None)
+            if isinstance(callbacks, keras.callbacks.CallbackList):
+                callbacks.append(_SyncRowSparseLearningRate(self.head))
+            else:
+                callbacks = [_SyncRowSparseLearningRate(self.head)] + list(
+                    callbacks or []
+                )
+            kwargs["callbacks"] = callbacks
         if isinstance(y, np.ndarray) and (y.ndim == 1 or y.shape[-1] == 1):
             num_classes = self.head.num_classes
             if y.size and (y.min() < 0 or y.max() >= num_classes):
@@ -150,12 +228,22 @@ class Distiller(keras.Model):
                 )
         return super().fit(x, y, *args, **kwargs)
 
+    def evaluate(self, *args, **kwargs):
+        """As `keras.Model.evaluate`; compiles with the defaults if needed."""
+        self._compile_if_needed()
+        return super().evaluate(*args, **kwargs)
+
+    def _compile_if_needed(self):
+        if not self.compiled:
+            self.compile()
+
     def get_config(self):
         return {
             "name": self.name,
             "teacher": keras.saving.serialize_keras_object(self.teacher),
             "student": keras.saving.serialize_keras_object(self.student),
             "top_r": self.top_r,
+            "row_sparse_updates": self.row_sparse_updates,
         }
 
     @classmethod
@@ -164,3 +252,14 @@ class Distiller(keras.Model):
         for key in ("teacher", "student"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
+
+
+class _SyncRowSparseLearningRate(keras.callbacks.Callback):
+    """Keeps the head's row-sparse learning rate equal to the optimizer's."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.head.row_sparse_optimizer.sync_learning_rate()

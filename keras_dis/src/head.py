@@ -93,6 +93,8 @@ class SampledDistillationHead(keras.layers.Layer):
         self.rank_proposal_config = rank_proposal
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        # Set by `Distiller.compile` to update the kernel rows lazily.
+        self.row_sparse_optimizer = None
         self.input_spec = keras.layers.InputSpec(ndim=2)
 
     def build(self, input_shape):

@@ -116,6 +116,7 @@ class DISLoss(keras.losses.Loss):
         self.proposal = proposal
         self.temperature = float(temperature)
         self.distillation_weight = float(distillation_weight)
+        self._sample_weight = None
 
     @property
     def proposal_name(self):
@@ -175,14 +176,49 @@ class DISLoss(keras.losses.Loss):
             labels, top_classes, top_logits, tail_logits
         )
         subset = ops.concatenate([labels[:, None], classes], axis=-1)
-        return sampled_softmax.distillation_cross_entropy(
-            head.sampled_logits(features, subset),
-            ops.concatenate([label_logits[:, None], teacher_logits], axis=-1),
-            temperature=self.temperature,
-            log_proposal=ops.pad(log_proposal, ((0, 0), (1, 0))),
-            distillation_weight=self.distillation_weight,
-            label_position=0,
+        estimator_inputs = {
+            "student_logits": head.sampled_logits(features, subset),
+            "teacher_logits": ops.concatenate(
+                [label_logits[:, None], teacher_logits], axis=-1
+            ),
+            "temperature": self.temperature,
+            "log_proposal": ops.pad(log_proposal, ((0, 0), (1, 0))),
+            "distillation_weight": self.distillation_weight,
+            "label_position": 0,
+        }
+        if head.row_sparse_optimizer is not None:
+            logit_gradients = sampled_softmax.distillation_cross_entropy_gradient(
+                **estimator_inputs
+            )
+            head.row_sparse_optimizer.apply(
+                subset,
+                logit_gradients * self._reduction_weights(features)[:, None],
+                features,
+            )
+        return sampled_softmax.distillation_cross_entropy(**estimator_inputs)
+
+    def _reduction_weights(self, features):
+        """d (reduced loss) / d (loss of each sample), `(batch,)`."""
+        batch_size = ops.shape(features)[0]
+        weights = ops.ones((batch_size,), "float32")
+        if self._sample_weight is not None:
+            weights = ops.reshape(ops.cast(self._sample_weight, "float32"), (-1,))
+        if self.reduction == "sum":
+            return weights
+        if self.reduction == "sum_over_batch_size":
+            return weights / ops.cast(batch_size, "float32")
+        raise ValueError(
+            "Row-sparse head updates need `reduction` 'sum_over_batch_size' "
+            f"or 'sum'. Received: reduction={self.reduction!r}"
         )
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        # The row-sparse update needs the weights that the reduction applies.
+        self._sample_weight = sample_weight
+        try:
+            return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+        finally:
+            self._sample_weight = None
 
     def _full_softmax_loss(self, targets, student_logits):
         num_classes = student_logits.shape[-1]

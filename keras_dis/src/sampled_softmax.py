@@ -211,3 +211,48 @@ def distillation_cross_entropy(
             )
         loss = loss - (1.0 - distillation_weight) * label_log_probability
     return loss
+
+
+def distillation_cross_entropy_gradient(
+    student_logits,
+    teacher_logits,
+    temperature=1.0,
+    log_proposal=None,
+    distillation_weight=1.0,
+    label_position=0,
+):
+    """Closed-form gradient of `distillation_cross_entropy` over a subset.
+
+    `d L / d s_k = lambda * (softmax(s')_k - softmax(t')_k) / T
+    + (1 - lambda) * (softmax(s - log r)_k - [k == label_position])`,
+    which lets the row-sparse optimizer update the gathered kernel rows
+    without differentiating through the `C x d` kernel.
+
+    Args:
+        Same as `distillation_cross_entropy`, with the label at column
+        `label_position` of the subset.
+
+    Returns:
+        float32 tensor `(batch, n)`: the gradient of each sample's loss with
+        respect to its student logits.
+    """
+    student_logits = ops.cast(student_logits, "float32")
+    teacher_logits = ops.cast(teacher_logits, "float32")
+    correction = (
+        0.0 if log_proposal is None else ops.cast(log_proposal, "float32")
+    )
+    gradient = 0.0
+    if distillation_weight > 0:
+        gradient = (distillation_weight / temperature) * (
+            ops.softmax(student_logits / temperature - correction, axis=-1)
+            - ops.softmax(teacher_logits / temperature - correction, axis=-1)
+        )
+    if distillation_weight < 1:
+        label = ops.one_hot(
+            ops.full((ops.shape(student_logits)[0],), label_position, "int32"),
+            student_logits.shape[-1],
+        )
+        gradient = gradient + (1.0 - distillation_weight) * (
+            ops.softmax(student_logits - correction, axis=-1) - label
+        )
+    return gradient

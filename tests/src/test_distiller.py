@@ -74,9 +74,10 @@ def test_usage_line_trains_the_student():
 def test_default_compile_is_dis():
     x, labels, teacher_logits = synthetic_problem(num_examples=128)
     distiller = keras_dis.Distiller(make_teacher(x, teacher_logits), make_student())
+    distiller.fit(x, labels, epochs=1, verbose=0)
     assert isinstance(distiller.loss, keras_dis.DISLoss)
     assert distiller.loss.proposal_name == "dis"
-    distiller.fit(x, labels, epochs=1, verbose=0)
+    assert isinstance(distiller.optimizer, keras.optimizers.Adam)
 
 
 def test_cached_targets_do_not_run_the_teacher():

@@ -1,0 +1,189 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_dis
+from keras_dis.src import row_sparse_optimizers
+from tests.src.test_distiller import make_teacher
+from tests.src.test_losses import make_student
+from tests.src.test_losses import synthetic_problem
+
+OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(0.1),
+    "sgd_momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+    "sgd_nesterov": lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+    "adam": lambda: keras.optimizers.Adam(0.01, beta_1=0.9, beta_2=0.99),
+    "rmsprop": lambda: keras.optimizers.RMSprop(0.01),
+    "rmsprop_momentum_centered": lambda: keras.optimizers.RMSprop(
+        0.01, momentum=0.9, centered=True
+    ),
+}
+
+
+def test_sum_duplicate_rows():
+    indices = np.array([4, 1, 4, 7, 1, 4], "int32")
+    values = np.arange(12, dtype="float32").reshape(6, 2)
+    sorted_indices, summed = (
+        ops.convert_to_numpy(t)
+        for t in row_sparse_optimizers.sum_duplicate_rows(indices, values)
+    )
+    assert sorted_indices.tolist() == [1, 1, 4, 4, 4, 7]
+    for index, row in zip(sorted_indices, summed):
+        np.testing.assert_allclose(row, values[indices == index].sum(axis=0))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_row_updates_follow_the_keras_optimizer(name):
+    """Three steps on rows that are all touched equal Keras's own update."""
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(5, 3)).astype("float32")
+    gradients = [rng.normal(size=(5, 3)).astype("float32") for _ in range(3)]
+    optimizer = OPTIMIZERS[name]()
+    variable = keras.Variable(rows)
+    optimizer.build([variable])
+    slots = {
+        slot: ops.zeros(rows.shape)
+        for slot in row_sparse_optimizers._slot_names(optimizer)
+    }
+    sparse_rows = ops.convert_to_tensor(rows)
+    for step, gradient in enumerate(gradients, start=1):
+        optimizer.apply([ops.convert_to_tensor(gradient)], [variable])
+        sparse_rows, slots = row_sparse_optimizers.update_rows(
+            optimizer, sparse_rows, ops.convert_to_tensor(gradient), slots,
+            ops.convert_to_tensor(float(step)), float(optimizer.learning_rate),
+        )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(sparse_rows),
+        ops.convert_to_numpy(variable),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def distill(row_sparse_updates, optimizer, num_examples=256, batch_size=64, k=5,
+            proposal="dis"):
+    x, labels, teacher_logits = synthetic_problem(num_examples)
+    targets = np.asarray(
+        keras_dis.pack_teacher_targets(labels, teacher_logits, top_r=20)
+    )
+    keras.utils.set_random_seed(0)
+    distiller = keras_dis.Distiller(
+        make_teacher(x, teacher_logits), make_student(),
+        row_sparse_updates=row_sparse_updates,
+    )
+    distiller.compile(optimizer=optimizer, loss=keras_dis.DISLoss(k=k, proposal=proposal))
+    distiller.fit(x, targets, epochs=1, batch_size=batch_size, shuffle=False, verbose=0)
+    return distiller
+
+
+def test_row_sparse_sgd_equals_dense_sgd():
+    sparse = distill(True, keras.optimizers.SGD(0.1))
+    dense = distill(False, keras.optimizers.SGD(0.1))
+    assert not sparse.head.kernel.trainable and dense.head.kernel.trainable
+    for sparse_weight, dense_weight in zip(
+        sparse.student.get_weights(), dense.student.get_weights()
+    ):
+        np.testing.assert_allclose(sparse_weight, dense_weight, rtol=1e-5, atol=1e-6)
+    assert sparse.head.kernel.shape == (40, 32)
+    # The head did move.
+    initial = distill(True, keras.optimizers.SGD(0.0))
+    assert np.abs(
+        ops.convert_to_numpy(sparse.head.kernel)
+        - ops.convert_to_numpy(initial.head.kernel)
+    ).max() > 1e-3
+
+
+def test_lazy_adam_leaves_untouched_rows_and_state_alone():
+    # 16 samples, one step, 1 uniform draw each: at most 32 of 40 classes.
+    before = distill(True, keras.optimizers.Adam(0.0), num_examples=16,
+                     batch_size=16, k=1, proposal="uniform")
+    after = distill(True, keras.optimizers.Adam(0.01), num_examples=16,
+                    batch_size=16, k=1, proposal="uniform")
+    kernel_before = ops.convert_to_numpy(before.head.kernel)
+    kernel_after = ops.convert_to_numpy(after.head.kernel)
+    moved = np.abs(kernel_after - kernel_before).max(axis=-1) > 0
+    momentum = ops.convert_to_numpy(after.row_sparse_slot("kernel_momentum", None))
+    has_state = np.abs(momentum).max(axis=-1) > 0
+    assert 0 < moved.sum() < 40
+    np.testing.assert_array_equal(moved, has_state)
+    # A moved row moved by about the learning rate (Adam's first step).
+    np.testing.assert_allclose(
+        np.abs(kernel_after - kernel_before)[moved].max(), 0.01, rtol=1e-3
+    )
+    assert float(ops.convert_to_numpy(after.row_sparse_slot("row_sparse_step", None))) == 1.0
+
+
+@pytest.mark.parametrize(
+    "optimizer, argument",
+    [
+        (keras.optimizers.AdamW(0.01), "weight_decay"),
+        (keras.optimizers.Adam(0.01, amsgrad=True), "amsgrad"),
+        (keras.optimizers.SGD(0.01, clipnorm=1.0), "clipnorm"),
+        (keras.optimizers.Adagrad(0.01), "optimizer"),
+    ],
+)
+def test_unsupported_optimizers(optimizer, argument):
+    x, labels, teacher_logits = synthetic_problem(16)
+    distiller = keras_dis.Distiller(make_teacher(x, teacher_logits), make_student())
+    with pytest.raises(ValueError, match=argument):
+        distiller.compile(optimizer=optimizer)
+    # Dense training of the head accepts any optimizer.
+    dense = keras_dis.Distiller(
+        make_teacher(x, teacher_logits), make_student(), row_sparse_updates=False
+    )
+    dense.compile(optimizer=optimizer)
+
+
+def test_full_softmax_methods_train_the_head_densely():
+    distiller = distill(True, keras.optimizers.Adam(0.01), proposal="pdbs")
+    assert distiller.head.kernel.trainable
+    assert distiller.head.row_sparse_optimizer is None
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="inspects the JAX program"
+)
+def test_jax_step_has_no_dense_class_tensor():
+    """No (C, d) gradient or update and no (B, C) tensor in the train step."""
+    import jax
+
+    num_classes, features_dim, batch_size = 1009, 24, 32
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch_size, 8)).astype("float32")
+    teacher_logits = rng.normal(size=(batch_size, num_classes)).astype("float32")
+    labels = teacher_logits.argmax(-1)
+    targets = np.asarray(keras_dis.pack_teacher_targets(labels, teacher_logits, top_r=16))
+    inputs = keras.Input((8,))
+    features = keras.layers.Dense(features_dim)(inputs)
+    student = keras.Model(
+        inputs, keras_dis.SampledDistillationHead(num_classes)(features)
+    )
+    distiller = keras_dis.Distiller(make_teacher(x, teacher_logits), student)
+    distiller.compile(optimizer="adam", loss=keras_dis.DISLoss(k=10))
+    distiller.fit(x, targets, batch_size=batch_size, epochs=1, verbose=0)
+    state = distiller._get_jax_state(
+        trainable_variables=True, non_trainable_variables=True,
+        optimizer_variables=True, metrics_variables=True,
+    )
+    jaxpr = jax.make_jaxpr(distiller.train_step)(state, (x, targets))
+
+    def equations(closed):
+        for equation in closed.eqns:
+            yield equation
+            for param in equation.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from equations(inner)
+
+    full_size = []
+    for equation in equations(jaxpr.jaxpr):
+        for var in equation.outvars:
+            shape = tuple(getattr(var.aval, "shape", ()))
+            if num_classes in shape and equation.primitive.name not in (
+                "scatter", "pjit", "jit",
+            ):
+                full_size.append((equation.primitive.name, shape))
+    # Only the in-place row writes (scatter) produce class-sized arrays.
+    assert full_size == [], full_size
