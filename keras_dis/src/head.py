@@ -157,24 +157,38 @@ class SampledDistillationHead(keras.layers.Layer):
             logits = logits + ops.cast(self.bias, features.dtype)
         return logits
 
-    def sampled_logits(self, features, classes):
+    def gather_rows(self, classes):
+        """The kernel rows and biases of `classes`.
+
+        Args:
+            classes: int tensor `(batch, n)` of class ids.
+
+        Returns:
+            A tuple `(kernel_rows, bias_rows)` of shapes `(batch, n, d)` and
+            `(batch, n)` (`bias_rows` is None without a bias).
+        """
+        kernel_rows = ops.take(self.kernel, classes, axis=0)
+        bias_rows = ops.take(self.bias, classes, axis=0) if self.use_bias else None
+        return kernel_rows, bias_rows
+
+    def sampled_logits(self, features, classes, rows=None):
         """Logits of the given classes only.
 
         Args:
             features: float tensor `(batch, d)`.
             classes: int tensor `(batch, n)` of class ids.
+            rows: optional result of `gather_rows(classes)`, to reuse.
 
         Returns:
             Tensor `(batch, n)`: `features[b] . kernel[classes[b, j]] +
             bias[classes[b, j]]`, computed from `batch * n` gathered rows.
         """
-        kernel_rows = ops.take(self.kernel, classes, axis=0)  # (batch, n, d)
-        kernel_rows = ops.cast(kernel_rows, features.dtype)
-        logits = ops.einsum("bd,bnd->bn", features, kernel_rows)
+        kernel_rows, bias_rows = self.gather_rows(classes) if rows is None else rows
+        logits = ops.einsum(
+            "bd,bnd->bn", features, ops.cast(kernel_rows, features.dtype)
+        )
         if self.use_bias:
-            logits = logits + ops.cast(
-                ops.take(self.bias, classes, axis=0), features.dtype
-            )
+            logits = logits + ops.cast(bias_rows, features.dtype)
         return logits
 
     def call(self, inputs, training=None):

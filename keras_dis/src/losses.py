@@ -176,8 +176,9 @@ class DISLoss(keras.losses.Loss):
             labels, top_classes, top_logits, tail_logits
         )
         subset = ops.concatenate([labels[:, None], classes], axis=-1)
+        rows = head.gather_rows(subset)
         estimator_inputs = {
-            "student_logits": head.sampled_logits(features, subset),
+            "student_logits": head.sampled_logits(features, subset, rows),
             "teacher_logits": ops.concatenate(
                 [label_logits[:, None], teacher_logits], axis=-1
             ),
@@ -194,6 +195,7 @@ class DISLoss(keras.losses.Loss):
                 subset,
                 logit_gradients * self._reduction_weights(features)[:, None],
                 features,
+                rows,
             )
         return sampled_softmax.distillation_cross_entropy(**estimator_inputs)
 

@@ -129,19 +129,17 @@ def update_rows(optimizer, rows, gradients, slots, step, learning_rate):
     return rows + momentum, {"momentum": momentum}
 
 
-def sum_duplicate_rows(indices, values):
-    """Sums the values of equal indices, without a `(C, ...)` buffer.
+def group_duplicates(indices):
+    """Sorts indices and numbers their groups of equal values.
 
     Args:
         indices: int tensor `(n,)`.
-        values: float tensor `(n, ...)`.
 
     Returns:
-        A tuple `(sorted_indices, summed)`: the indices in ascending order
-        and, for each, the sum of the values of all entries with that index
-        (repeated for every repeat, so each row gets the same update).
+        A tuple `(order, sorted_indices, group_ids)`: the sorting
+        permutation, the sorted indices, and for each sorted entry the
+        0-based number of its group of equal indices.
     """
-    num_entries = indices.shape[0]
     order = ops.argsort(indices)
     sorted_indices = ops.take(indices, order)
     starts = ops.concatenate(
@@ -150,13 +148,19 @@ def sum_duplicate_rows(indices, values):
             ops.cast(sorted_indices[1:] != sorted_indices[:-1], "int32"),
         ]
     )
-    segment_ids = ops.cumsum(starts) - 1
-    segment_sums = ops.segment_sum(
-        ops.take(values, order, axis=0),
-        segment_ids,
-        num_segments=num_entries,
+    return order, sorted_indices, ops.cumsum(starts) - 1
+
+
+def sum_groups(sorted_values, group_ids):
+    """For each entry, the sum of the values of its group, `(n, ...)`.
+
+    Summing per group (not `(C, ...)`) keeps the cost at `O(n)`; every entry
+    of a group gets the same sum, so the rows written for repeats agree.
+    """
+    sums = ops.segment_sum(
+        sorted_values, group_ids, num_segments=sorted_values.shape[0]
     )
-    return sorted_indices, ops.take(segment_sums, segment_ids, axis=0)
+    return ops.take(sums, group_ids, axis=0)
 
 
 class RowSparseOptimizer:
@@ -182,11 +186,17 @@ class RowSparseOptimizer:
         self.optimizer = optimizer
         self.head = head
         self.parameters = [head.kernel] + ([head.bias] if head.use_bias else [])
+        self.slot_names = _slot_names(optimizer)
+        # The slots of a parameter are stacked, `(C, num_slots, ...)`, so a
+        # step reads and writes all of a row's state at once.
         self.slots = [
-            {
-                name: owner.row_sparse_slot(f"{parameter.name}_{name}", parameter.shape)
-                for name in _slot_names(optimizer)
-            }
+            owner.row_sparse_slot(
+                f"{parameter.name}_{'_'.join(self.slot_names)}",
+                (parameter.shape[0], len(self.slot_names))
+                + tuple(parameter.shape[1:]),
+            )
+            if self.slot_names
+            else None
             for parameter in self.parameters
         ]
         self.step = owner.row_sparse_slot("row_sparse_step", ())
@@ -215,15 +225,15 @@ class RowSparseOptimizer:
         self.step.assign(ops.zeros(()))
         self.sync_learning_rate()
         for slots in self.slots:
-            for variable in slots.values():
-                variable.assign(ops.zeros(variable.shape))
+            if slots is not None:
+                slots.assign(ops.zeros(slots.shape))
 
     def learning_rate(self, step):
         if self._has_schedule():
             return ops.cast(self.optimizer._learning_rate(step - 1), "float32")
         return self.learning_rate_value.value
 
-    def apply(self, classes, logit_gradients, features):
+    def apply(self, classes, logit_gradients, features, rows):
         """Updates the rows of `classes` given the loss's logit gradients.
 
         Args:
@@ -232,30 +242,57 @@ class RowSparseOptimizer:
             logit_gradients: float tensor `(batch, n)`, the derivative of
                 the (reduced) loss with respect to each of those logits.
             features: float tensor `(batch, d)`, the head's input.
+            rows: the `(kernel_rows, bias_rows)` the logits were computed
+                from (`head.gather_rows(classes)`), reused here.
         """
-        classes = ops.reshape(ops.cast(classes, "int32"), (-1,))
-        logit_gradients = ops.stop_gradient(ops.cast(logit_gradients, "float32"))
-        features = ops.stop_gradient(ops.cast(features, "float32"))
-        kernel_gradients = logit_gradients[:, :, None] * features[:, None, :]
-        gradients = [ops.reshape(kernel_gradients, (-1, features.shape[-1]))]
+        subset_size = classes.shape[-1]
+        order, sorted_classes, group_ids = group_duplicates(
+            ops.reshape(ops.cast(classes, "int32"), (-1,))
+        )
+        logit_gradients = ops.take(
+            ops.reshape(ops.stop_gradient(logit_gradients), (-1,)), order
+        )
+        sample_features = ops.take(
+            ops.stop_gradient(features), order // subset_size, axis=0
+        )
+        # d loss / d kernel[c] = sum over entries of class c of g * features.
+        gradients = [
+            sum_groups(
+                logit_gradients[:, None] * ops.cast(sample_features, "float32"),
+                group_ids,
+            )
+        ]
         if self.head.use_bias:
-            gradients.append(ops.reshape(logit_gradients, (-1,)))
+            gradients.append(sum_groups(logit_gradients, group_ids))
         step = self.step.value + 1.0
         self.step.assign(step)
         learning_rate = self.learning_rate(step)
-        for parameter, slots, gradient in zip(self.parameters, self.slots, gradients):
-            rows_index, row_gradients = sum_duplicate_rows(classes, gradient)
+        for parameter, slots, gradient, parameter_rows in zip(
+            self.parameters, self.slots, gradients, rows
+        ):
+            parameter_rows = ops.take(
+                ops.reshape(
+                    ops.stop_gradient(parameter_rows),
+                    (-1,) + tuple(parameter.shape[1:]),
+                ),
+                order,
+                axis=0,
+            )
+            slot_rows = (
+                ops.take(slots.value, sorted_classes, axis=0) if slots is not None else None
+            )
             new_rows, new_slots = update_rows(
                 self.optimizer,
-                ops.take(parameter.value, rows_index, axis=0),
-                row_gradients,
-                {
-                    name: ops.take(variable.value, rows_index, axis=0)
-                    for name, variable in slots.items()
-                },
+                parameter_rows,
+                gradient,
+                {name: slot_rows[:, i] for i, name in enumerate(self.slot_names)},
                 step,
                 learning_rate,
             )
-            backend.scatter_rows(parameter, rows_index, new_rows)
-            for name, variable in slots.items():
-                backend.scatter_rows(variable, rows_index, new_slots[name])
+            backend.scatter_rows(parameter, sorted_classes, new_rows)
+            if slots is not None:
+                backend.scatter_rows(
+                    slots,
+                    sorted_classes,
+                    ops.stack([new_slots[name] for name in self.slot_names], axis=1),
+                )

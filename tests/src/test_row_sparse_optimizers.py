@@ -21,14 +21,18 @@ OPTIMIZERS = {
 }
 
 
-def test_sum_duplicate_rows():
+def test_group_and_sum_duplicate_rows():
     indices = np.array([4, 1, 4, 7, 1, 4], "int32")
     values = np.arange(12, dtype="float32").reshape(6, 2)
-    sorted_indices, summed = (
-        ops.convert_to_numpy(t)
-        for t in row_sparse_optimizers.sum_duplicate_rows(indices, values)
+    order, sorted_indices, group_ids = row_sparse_optimizers.group_duplicates(
+        indices
     )
+    summed = ops.convert_to_numpy(
+        row_sparse_optimizers.sum_groups(ops.take(values, order, axis=0), group_ids)
+    )
+    sorted_indices = ops.convert_to_numpy(sorted_indices)
     assert sorted_indices.tolist() == [1, 1, 4, 4, 4, 7]
+    assert ops.convert_to_numpy(group_ids).tolist() == [0, 0, 1, 1, 1, 2]
     for index, row in zip(sorted_indices, summed):
         np.testing.assert_allclose(row, values[indices == index].sum(axis=0))
 
@@ -103,8 +107,11 @@ def test_lazy_adam_leaves_untouched_rows_and_state_alone():
     kernel_before = ops.convert_to_numpy(before.head.kernel)
     kernel_after = ops.convert_to_numpy(after.head.kernel)
     moved = np.abs(kernel_after - kernel_before).max(axis=-1) > 0
-    momentum = ops.convert_to_numpy(after.row_sparse_slot("kernel_momentum", None))
-    has_state = np.abs(momentum).max(axis=-1) > 0
+    slots = ops.convert_to_numpy(
+        after.row_sparse_slot("kernel_momentum_velocity", None)
+    )
+    assert slots.shape == (40, 2, 32)
+    has_state = np.abs(slots).max(axis=(1, 2)) > 0
     assert 0 < moved.sum() < 40
     np.testing.assert_array_equal(moved, has_state)
     # A moved row moved by about the learning rate (Adam's first step).
