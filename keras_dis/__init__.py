@@ -5,6 +5,7 @@ from keras_dis.src import proposals
 from keras_dis.src.callbacks import ProposalScheduler
 from keras_dis.src.distiller import Distiller
 from keras_dis.src.head import SampledDistillationHead
+from keras_dis.src.head import export_student
 from keras_dis.src.losses import DISLoss
 from keras_dis.src.teacher_cache import TeacherCache
 from keras_dis.src.teacher_cache import TeacherCacheDataset
@@ -19,6 +20,7 @@ __all__ = [
     "SampledDistillationHead",
     "TeacherCache",
     "TeacherCacheDataset",
+    "export_student",
     "losses",
     "pack_teacher_targets",
     "proposals",

@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_dis.src import teacher_targets as targets_module
 from keras_dis.src.callbacks import find_heads
+from keras_dis.src.head import export_student
 from keras_dis.src.losses import SAMPLED_PROPOSALS
 from keras_dis.src.losses import DISLoss
 from keras_dis.src.row_sparse_optimizers import RowSparseOptimizer
@@ -116,6 +117,9 @@ class Distiller(keras.Model):
         self.top_r = top_r
         self.row_sparse_updates = row_sparse_updates
         self._row_sparse_slots = {}
+        # Calling the distiller only calls the student: built with it (which
+        # callbacks such as BackupAndRestore require before `fit`).
+        self.built = student.built
 
     @staticmethod
     def _teacher_num_classes(teacher):
@@ -227,6 +231,11 @@ class Distiller(keras.Model):
                     f"Received labels in [{y.min()}, {y.max()}]"
                 )
         return super().fit(x, y, *args, **kwargs)
+
+    def export_student(self):
+        """The trained student as a plain Keras model (see
+        `keras_dis.export_student`): its head becomes a `Dense` layer."""
+        return export_student(self.student)
 
     def evaluate(self, *args, **kwargs):
         """As `keras.Model.evaluate`; compiles with the defaults if needed."""

@@ -8,6 +8,7 @@ from keras import ops
 from keras_dis.src import proposals as proposals_module
 
 _step = threading.local()
+_SEED_STATE_KEY = "seed_generator_state"
 
 
 def pop_training_head():
@@ -198,6 +199,19 @@ class SampledDistillationHead(keras.layers.Layer):
         _step.head = None
         return self.full_logits(inputs)
 
+    def save_own_variables(self, store):
+        # The sampler's random state is saved too, so a resumed run draws
+        # the classes the uninterrupted run would have drawn.
+        super().save_own_variables(store)
+        store[_SEED_STATE_KEY] = self.seed_generator.state
+
+    def load_own_variables(self, store):
+        if _SEED_STATE_KEY in store.keys():
+            self.seed_generator.state.assign(store[_SEED_STATE_KEY])
+        super().load_own_variables(
+            {key: store[key] for key in store.keys() if key != _SEED_STATE_KEY}
+        )
+
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.num_classes,)
 
@@ -220,3 +234,46 @@ class SampledDistillationHead(keras.layers.Layer):
             }
         )
         return config
+
+
+def export_student(student):
+    """A copy of `student` whose `SampledDistillationHead` is a `Dense`.
+
+    The copy predicts exactly what the student predicts (full logits), and
+    needs no keras_dis to be saved, loaded or served: its last layer is a
+    plain `keras.layers.Dense(num_classes)` with `kernel = head.kernel.T`.
+
+    Args:
+        student: a functional or sequential `keras.Model` containing
+            `SampledDistillationHead` layers.
+
+    Returns:
+        A new `keras.Model` sharing no state with `student`.
+
+    Example:
+
+    ```python
+    deployable = keras_dis.export_student(distiller.student)
+    deployable.save("student.keras")  # loads with plain Keras
+    ```
+    """
+
+    def clone_layer(layer):
+        if isinstance(layer, SampledDistillationHead):
+            return keras.layers.Dense(
+                layer.num_classes,
+                use_bias=layer.use_bias,
+                name=layer.name,
+                dtype=layer.dtype_policy,
+            )
+        return layer.__class__.from_config(layer.get_config())
+
+    exported = keras.models.clone_model(student, clone_function=clone_layer)
+    for source, target in zip(student.layers, exported.layers):
+        weights = source.get_weights()
+        if isinstance(source, SampledDistillationHead):
+            weights = [ops.convert_to_numpy(source.kernel).T] + (
+                [ops.convert_to_numpy(source.bias)] if source.use_bias else []
+            )
+        target.set_weights(weights)
+    return exported
