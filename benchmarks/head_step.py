@@ -43,7 +43,11 @@ def peak_rss_mb():
 
 
 def reset_peak_rss():
-    """Restarts the peak (`VmHWM`) at the current resident size."""
+    """Restarts the peak (`VmHWM`) at the current resident size, after
+    handing memory freed since start-up back to the system."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
 

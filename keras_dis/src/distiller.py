@@ -152,8 +152,10 @@ class Distiller(keras.Model):
                     "Row-sparse head updates do not support `loss_weights`. "
                     f"Received: loss_weights={kwargs['loss_weights']!r}"
                 )
+            recompiled = bool(self._row_sparse_slots)
             updater = RowSparseOptimizer(self.optimizer, self.head, owner=self)
-            updater.reset()
+            if recompiled:
+                updater.reset()
         else:
             updater = None
         self.head.row_sparse_optimizer = updater

@@ -3,12 +3,69 @@
 import threading
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_dis.src import proposals as proposals_module
 
 _step = threading.local()
 _SEED_STATE_KEY = "seed_generator_state"
+# Above this many kernel entries, fan-scaled initial values are generated
+# in row blocks on the host, so initialisation needs no temporaries of the
+# kernel's size (at C = 10^6, d = 512 that is 2 GB each).
+_BLOCKWISE_INIT_MIN_SIZE = 2**24
+_BLOCK_ROWS = 2**15
+
+
+def class_major_initial_kernel(initializer, shape, dtype):
+    """Initial `(C, d)` kernel with the statistics a `Dense` kernel gets.
+
+    A `Dense(C)` kernel has shape `(d, C)`: fan-in `d`, fan-out `C`. The
+    head stores the transpose, so initialisers see the `Dense` shape and
+    fan-based ones (Glorot, He, LeCun) keep their meaning.
+
+    Args:
+        initializer: a Keras initializer.
+        shape: `(num_classes, features_dim)`.
+        dtype: the variable's dtype.
+
+    Returns:
+        A tensor (or NumPy array, for large fan-scaled kernels) of `shape`.
+    """
+    num_classes, features_dim = shape
+    if num_classes * features_dim < _BLOCKWISE_INIT_MIN_SIZE or not isinstance(
+        initializer, keras.initializers.VarianceScaling
+    ):
+        return ops.transpose(initializer((features_dim, num_classes), dtype))
+    fan = {
+        "fan_in": features_dim,
+        "fan_out": num_classes,
+        "fan_avg": (features_dim + num_classes) / 2,
+    }[initializer.mode]
+    stddev = np.sqrt(initializer.scale / fan)
+    seed = initializer.seed if isinstance(initializer.seed, int) else None
+    generator = np.random.default_rng(
+        seed if seed is not None else np.random.randint(2**31)
+    )
+    kernel = np.empty(shape, dtype="float32")
+    for start in range(0, num_classes, _BLOCK_ROWS):
+        block_shape = (min(_BLOCK_ROWS, num_classes - start), features_dim)
+        if initializer.distribution == "uniform":
+            limit = np.sqrt(3.0) * stddev
+            block = generator.uniform(-limit, limit, block_shape)
+        else:
+            block = generator.standard_normal(block_shape)
+            if initializer.distribution == "truncated_normal":
+                # Keras: normal truncated at 2 standard deviations, rescaled.
+                outside = np.abs(block) > 2
+                while outside.any():
+                    block[outside] = generator.standard_normal(outside.sum())
+                    outside = np.abs(block) > 2
+                block = block * (stddev / 0.87962566103423978)
+            else:
+                block = block * stddev
+        kernel[start : start + len(block)] = block
+    return kernel
 
 
 def pop_training_head():
@@ -108,7 +165,9 @@ class SampledDistillationHead(keras.layers.Layer):
         self.kernel = self.add_weight(
             name="kernel",
             shape=(self.num_classes, features_dim),
-            initializer=self.kernel_initializer,
+            initializer=lambda shape, dtype: class_major_initial_kernel(
+                self.kernel_initializer, shape, dtype
+            ),
         )
         self.bias = (
             self.add_weight(

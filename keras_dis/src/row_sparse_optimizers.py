@@ -223,7 +223,6 @@ class RowSparseOptimizer:
     def reset(self):
         """Zeros the optimizer state (a new compile starts afresh)."""
         self.step.assign(ops.zeros(()))
-        self.sync_learning_rate()
         for slots in self.slots:
             if slots is not None:
                 slots.assign(ops.zeros(slots.shape))

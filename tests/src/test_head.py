@@ -140,3 +140,35 @@ def test_features_of_the_wrong_rank(shape):
     head = SampledDistillationHead(10)
     with pytest.raises(ValueError, match="features|ndim|input"):
         head(np.zeros(shape, "float32"))
+
+
+def test_small_kernel_initialises_like_a_transposed_dense_kernel():
+    head = SampledDistillationHead(
+        30, kernel_initializer=keras.initializers.GlorotUniform(seed=3)
+    )
+    head.build((None, 8))
+    expected = keras.initializers.GlorotUniform(seed=3)((8, 30))
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(head.kernel), ops.convert_to_numpy(expected).T
+    )
+
+
+@pytest.mark.parametrize(
+    "initializer, expected_std",
+    [
+        # Dense-layout fans: fan_in = d = 256, fan_out = C = 70000.
+        ("glorot_uniform", np.sqrt(2.0 / (256 + 70000))),
+        ("he_normal", np.sqrt(2.0 / 256)),
+        ("lecun_uniform", np.sqrt(1.0 / 256)),
+    ],
+)
+def test_large_kernel_initialises_blockwise_with_dense_statistics(
+    initializer, expected_std
+):
+    head = SampledDistillationHead(70000, kernel_initializer=initializer)
+    head.build((None, 256))  # 17.9M entries: generated in row blocks
+    kernel = ops.convert_to_numpy(head.kernel)
+    assert kernel.shape == (70000, 256)
+    # 17.9M samples: the standard deviation is within 0.5%.
+    np.testing.assert_allclose(kernel.std(), expected_std, rtol=5e-3)
+    assert abs(kernel.mean()) < 1e-3 * expected_std * 10
