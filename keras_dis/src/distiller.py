@@ -169,7 +169,7 @@ class Distiller(keras.Model):
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
-    def row_sparse_slot(self, name, shape):
+    def row_sparse_slot(self, name, shape, dtype="float32"):
         """The distiller's weight `name` for the row-sparse optimizer state,
         created (zeros, non-trainable) the first time it is asked for."""
         if name not in self._row_sparse_slots:
@@ -177,6 +177,7 @@ class Distiller(keras.Model):
                 name=name,
                 shape=shape,
                 initializer="zeros",
+                dtype=dtype,
                 trainable=False,
                 autocast=False,
             )

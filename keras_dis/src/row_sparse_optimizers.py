@@ -129,38 +129,35 @@ def update_rows(optimizer, rows, gradients, slots, step, learning_rate):
     return rows + momentum, {"momentum": momentum}
 
 
-def group_duplicates(indices):
-    """Sorts indices and numbers their groups of equal values.
+def group_leaders(indices, scratch):
+    """For each entry, the position of one entry with the same index.
+
+    Writes each entry's position at its index in `scratch` (when an index
+    repeats, one of the writes wins) and reads them back: all entries of an
+    index then name the same entry, their group's leader. Costs `O(n)`, with
+    no sort and no `(C, ...)` temporary.
 
     Args:
-        indices: int tensor `(n,)`.
+        indices: int tensor `(n,)` of values in `[0, C)`.
+        scratch: int32 `keras.Variable` of shape `(C,)`; its old content is
+            irrelevant.
 
     Returns:
-        A tuple `(order, sorted_indices, group_ids)`: the sorting
-        permutation, the sorted indices, and for each sorted entry the
-        0-based number of its group of equal indices.
+        int32 tensor `(n,)`.
     """
-    order = ops.argsort(indices)
-    sorted_indices = ops.take(indices, order)
-    starts = ops.concatenate(
-        [
-            ops.ones((1,), "int32"),
-            ops.cast(sorted_indices[1:] != sorted_indices[:-1], "int32"),
-        ]
-    )
-    return order, sorted_indices, ops.cumsum(starts) - 1
+    positions = ops.arange(ops.shape(indices)[0], dtype="int32")
+    backend.scatter_rows(scratch, indices, positions)
+    return ops.take(scratch.value, indices, axis=0)
 
 
-def sum_groups(sorted_values, group_ids):
+def sum_groups(values, leaders):
     """For each entry, the sum of the values of its group, `(n, ...)`.
 
     Summing per group (not `(C, ...)`) keeps the cost at `O(n)`; every entry
     of a group gets the same sum, so the rows written for repeats agree.
     """
-    sums = ops.segment_sum(
-        sorted_values, group_ids, num_segments=sorted_values.shape[0]
-    )
-    return ops.take(sums, group_ids, axis=0)
+    sums = ops.segment_sum(values, leaders, num_segments=ops.shape(values)[0])
+    return ops.take(sums, leaders, axis=0)
 
 
 class RowSparseOptimizer:
@@ -200,6 +197,9 @@ class RowSparseOptimizer:
             for parameter in self.parameters
         ]
         self.step = owner.row_sparse_slot("row_sparse_step", ())
+        self.group_leaders = owner.row_sparse_slot(
+            "row_sparse_group_leaders", (head.num_classes,), dtype="int32"
+        )
         # A mirror of a float learning rate: on JAX the optimizer's own
         # variables are not part of the state the loss can read.
         self.learning_rate_value = owner.row_sparse_slot(
@@ -244,41 +244,36 @@ class RowSparseOptimizer:
             rows: the `(kernel_rows, bias_rows)` the logits were computed
                 from (`head.gather_rows(classes)`), reused here.
         """
-        subset_size = classes.shape[-1]
-        order, sorted_classes, group_ids = group_duplicates(
-            ops.reshape(ops.cast(classes, "int32"), (-1,))
-        )
-        logit_gradients = ops.take(
-            ops.reshape(ops.stop_gradient(logit_gradients), (-1,)), order
-        )
-        sample_features = ops.take(
-            ops.stop_gradient(features), order // subset_size, axis=0
-        )
+        classes = ops.reshape(ops.cast(classes, "int32"), (-1,))
+        leaders = group_leaders(classes, self.group_leaders)
+        logit_gradients = ops.stop_gradient(logit_gradients)
         # d loss / d kernel[c] = sum over entries of class c of g * features.
+        kernel_gradients = logit_gradients[:, :, None] * ops.cast(
+            ops.stop_gradient(features), "float32"
+        )[:, None, :]
         gradients = [
             sum_groups(
-                logit_gradients[:, None] * ops.cast(sample_features, "float32"),
-                group_ids,
+                ops.reshape(kernel_gradients, (-1, features.shape[-1])), leaders
             )
         ]
         if self.head.use_bias:
-            gradients.append(sum_groups(logit_gradients, group_ids))
+            gradients.append(
+                sum_groups(ops.reshape(logit_gradients, (-1,)), leaders)
+            )
         step = self.step.value + 1.0
         self.step.assign(step)
         learning_rate = self.learning_rate(step)
         for parameter, slots, gradient, parameter_rows in zip(
             self.parameters, self.slots, gradients, rows
         ):
-            parameter_rows = ops.take(
-                ops.reshape(
-                    ops.stop_gradient(parameter_rows),
-                    (-1,) + tuple(parameter.shape[1:]),
-                ),
-                order,
-                axis=0,
+            parameter_rows = ops.reshape(
+                ops.stop_gradient(parameter_rows),
+                (-1,) + tuple(parameter.shape[1:]),
             )
             slot_rows = (
-                ops.take(slots.value, sorted_classes, axis=0) if slots is not None else None
+                ops.take(slots.value, classes, axis=0)
+                if slots is not None
+                else None
             )
             new_rows, new_slots = update_rows(
                 self.optimizer,
@@ -288,10 +283,10 @@ class RowSparseOptimizer:
                 step,
                 learning_rate,
             )
-            backend.scatter_rows(parameter, sorted_classes, new_rows)
+            backend.scatter_rows(parameter, classes, new_rows)
             if slots is not None:
                 backend.scatter_rows(
                     slots,
-                    sorted_classes,
+                    classes,
                     ops.stack([new_slots[name] for name in self.slot_names], axis=1),
                 )
