@@ -858,6 +858,12 @@ def _seconds(value):
     return NOT_AVAILABLE if value is None else f"{value:.3f}"
 
 
+def read_csv(path):
+    """The rows of a results CSV written by `write_csv`, as dicts of strings."""
+    with open(path, newline="") as csv_file:
+        return list(csv.DictReader(csv_file))
+
+
 def write_csv(rows, path, metrics):
     """Writes the rows as CSV; missing numbers are written `n/a`.
 

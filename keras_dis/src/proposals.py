@@ -27,8 +27,23 @@ def _tail_size(num_classes, top_r):
     return num_classes - top_r
 
 
+class Proposal:
+    """Base of the proposals: a `name`, whether it is `per_sample`, and a
+    config made of its constructor arguments (none by default)."""
+
+    name = None
+    per_sample = False
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
 @keras.saving.register_keras_serializable(package="keras_dis")
-class UniformProposal:
+class UniformProposal(Proposal):
     """Uniform proposal: every class has probability `1 / C`.
 
     The paper's "uniform sampling" baseline. The proposal is shared by the
@@ -55,16 +70,10 @@ class UniformProposal:
         with np.errstate(divide="ignore"):
             return ops.convert_to_tensor(np.log(bins), dtype="float32")
 
-    def get_config(self):
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="keras_dis")
-class TeacherProposal:
+class TeacherProposal(Proposal):
     """Fixed teacher importance sampling (FTIS): sample from the teacher.
 
     The proposal of a sample is the teacher's own prediction
@@ -106,16 +115,10 @@ class TeacherProposal:
         logits = ops.concatenate([teacher_logits, tail_bin], axis=-1)
         return ops.log_softmax(logits, axis=-1)
 
-    def get_config(self):
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="keras_dis")
-class LaplaceMixtureProposal:
+class LaplaceMixtureProposal(Proposal):
     """Dynamic importance sampling (DIS): a two-Laplace mixture over ranks.
 
     The left component sits on the teacher's top rank, the right one on the
@@ -271,13 +274,9 @@ class LaplaceMixtureProposal:
             "scale_units": self.scale_units,
         }
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
 
 @keras.saving.register_keras_serializable(package="keras_dis")
-class PredictionDifferenceSelection:
+class PredictionDifferenceSelection(Proposal):
     """PDBS: deterministic top-k of `|p - q|`, the paper's selection baseline.
 
     Selects, per sample, the `k` classes with the largest absolute
@@ -307,12 +306,6 @@ class PredictionDifferenceSelection:
         _, classes = ops.top_k(difference, k=k)
         return classes
 
-    def get_config(self):
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 PROPOSALS = {
@@ -332,7 +325,7 @@ def get(identifier):
     >>> type(get("ftis")).__name__
     'TeacherProposal'
     """
-    if isinstance(identifier, tuple(PROPOSALS.values())):
+    if isinstance(identifier, Proposal):
         return identifier
     if isinstance(identifier, str) and identifier in PROPOSALS:
         return PROPOSALS[identifier]()

@@ -1,6 +1,5 @@
 """End-to-end test of the CIFAR-100 program in its `--smoke` mode."""
 
-import csv
 
 import keras
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 
 import keras_dis
 from examples.cifar100 import models
+from examples import common
 from examples.cifar100 import train
 
 # The rows of Table 1 with the smoke subset size, k = 5.
@@ -20,22 +20,6 @@ EXPECTED_ROWS = [
     ("ftis", "5"),
     ("dis", "5"),
 ]
-
-
-def read_csv(path):
-    with open(path, newline="") as csv_file:
-        return list(csv.DictReader(csv_file))
-
-
-def test_help_explains_every_option(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["--help"])
-    assert exit_info.value.code == 0
-    help_text = capsys.readouterr().out
-    for action in train.build_parser()._actions:
-        assert action.help, f"{action.option_strings} has no help"
-        for option in action.option_strings:
-            assert option in help_text
 
 
 def test_k_must_be_smaller_than_the_number_of_classes(tmp_path, capsys):
@@ -91,7 +75,7 @@ def test_smoke_run_writes_table_csv_and_plots(tmp_path, capsys):
     printed = capsys.readouterr().out
 
     assert list(results) == ["table1_shallow_cnn"]
-    rows = read_csv(tmp_path / "table1_shallow_cnn.csv")
+    rows = common.read_csv(tmp_path / "table1_shallow_cnn.csv")
     assert [(row["method"], row["k"]) for row in rows] == EXPECTED_ROWS
     for row in rows:
         assert 0.0 <= float(row["accuracy"]) <= 1.0

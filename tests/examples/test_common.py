@@ -1,12 +1,13 @@
 """Tests of `examples/common.py`, the parts both programs share."""
 
 import argparse
-import csv
 
 import numpy as np
 import pytest
 
 from examples import common
+from examples.cifar100 import train as cifar100_train
+from examples.market1501 import train as market1501_train
 
 
 def test_method_runs_one_row_per_method_and_k_in_table_order():
@@ -107,8 +108,7 @@ def test_write_results_one_csv_row_per_method_and_k(tmp_path, capsys):
         note="A note.",
     )
     printed = capsys.readouterr().out
-    with open(paths["csv"], newline="") as csv_file:
-        rows = list(csv.DictReader(csv_file))
+    rows = common.read_csv(paths["csv"])
     assert [(row["method"], row["k"]) for row in rows] == [
         ("teacher", ""),
         ("hard_labels", ""),
@@ -129,3 +129,15 @@ def test_write_results_one_csv_row_per_method_and_k(tmp_path, capsys):
     for key in ("accuracy_vs_k", "accuracy_vs_time"):
         with open(paths[key], "rb") as png:
             assert png.read().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("train", [cifar100_train, market1501_train])
+def test_help_explains_every_option(train, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for action in train.build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
+        for option in action.option_strings:
+            assert option in help_text
