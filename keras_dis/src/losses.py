@@ -157,11 +157,8 @@ class DISLoss(keras.losses.Loss):
             top_logits,
             num_classes=num_classes,
             temperature=self.temperature,
-            **(
-                {"tail_logits": tail_logits}
-                if self.proposal.per_sample
-                else {"rank_proposal": head.rank_proposal}
-            ),
+            tail_logits=tail_logits,
+            rank_proposal=head.rank_proposal,
         )
         classes, teacher_logits, log_proposal = sampled_softmax.sample_classes(
             log_bins,

@@ -28,11 +28,17 @@ def _tail_size(num_classes, top_r):
 
 
 class Proposal:
-    """Base of the proposals: a `name`, whether it is `per_sample`, and a
-    config made of its constructor arguments (none by default)."""
+    """Base of the proposals: a `name` and a config made of the constructor
+    arguments (none by default).
+
+    A sampling proposal implements `log_bin_probabilities(teacher_logits,
+    num_classes, temperature, tail_logits=None, rank_proposal=None)`: from
+    the cached top-`R` teacher logits `(batch, R)`, the tail logits
+    `(batch,)` and the head's `rank_proposal` `(C,)`, the log-probabilities
+    of the `R + 1` rank bins, `(1 or batch, R + 1)`.
+    """
 
     name = None
-    per_sample = False
 
     def get_config(self):
         return {}
@@ -59,10 +65,14 @@ class UniformProposal(Proposal):
     """
 
     name = "uniform"
-    per_sample = False
 
     def log_bin_probabilities(
-        self, teacher_logits, num_classes, temperature, rank_proposal=None
+        self,
+        teacher_logits,
+        num_classes,
+        temperature,
+        tail_logits=None,
+        rank_proposal=None,
     ):
         top_r = teacher_logits.shape[-1]
         bins = np.full((1, top_r + 1), 1.0 / num_classes, dtype="float64")
@@ -92,15 +102,14 @@ class TeacherProposal(Proposal):
     """
 
     name = "ftis"
-    per_sample = True
 
     def log_bin_probabilities(
         self,
         teacher_logits,
         num_classes,
         temperature,
-        rank_proposal=None,
         tail_logits=None,
+        rank_proposal=None,
     ):
         teacher_logits = ops.cast(teacher_logits, "float32") / temperature
         top_r = teacher_logits.shape[-1]
@@ -158,7 +167,6 @@ class LaplaceMixtureProposal(Proposal):
     """
 
     name = "dis"
-    per_sample = False
 
     def __init__(
         self,
@@ -251,7 +259,12 @@ class LaplaceMixtureProposal(Proposal):
         return probabilities.astype("float32")
 
     def log_bin_probabilities(
-        self, teacher_logits, num_classes, temperature, rank_proposal=None
+        self,
+        teacher_logits,
+        num_classes,
+        temperature,
+        tail_logits=None,
+        rank_proposal=None,
     ):
         top_r = teacher_logits.shape[-1]
         top_probabilities = rank_proposal[:top_r]
@@ -295,7 +308,6 @@ class PredictionDifferenceSelection(Proposal):
     """
 
     name = "pdbs"
-    per_sample = True
 
     def select(self, teacher_probabilities, student_probabilities, k):
         """Classes of the `k` largest `|p - q|`, shape `(batch, k)`."""
