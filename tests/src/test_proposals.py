@@ -68,18 +68,24 @@ def test_fraction_units_are_nearly_flat():
     assert probabilities.max() / probabilities.min() < 1.2
 
 
-def test_dis_bins_sample_with_proposal_frequencies():
-    """Chi-square of sampled ranks against the mixture, fixed seed."""
-    num_classes, top_r = 30, 30
+def dis_rank_bins(num_classes, top_r, batch_size):
+    """The default mixture's rank probabilities and its log rank bins."""
     rank_probabilities = proposals.LaplaceMixtureProposal().rank_probabilities(
         num_classes
     )
     log_bins = proposals.LaplaceMixtureProposal().log_bin_probabilities(
-        np.zeros((1, top_r), "float32"),
+        np.zeros((batch_size, top_r), "float32"),
         num_classes=num_classes,
         temperature=1.0,
         rank_proposal=ops.convert_to_tensor(rank_probabilities),
     )
+    return rank_probabilities, log_bins
+
+
+def test_dis_bins_sample_with_proposal_frequencies():
+    """Chi-square of sampled ranks against the mixture, fixed seed."""
+    num_classes, top_r = 30, 30
+    rank_probabilities, log_bins = dis_rank_bins(num_classes, top_r, 1)
     bins = ops.convert_to_numpy(
         sampled_softmax.sample_rank_bins(
             log_bins, 200, 250, keras.random.SeedGenerator(7)
@@ -95,15 +101,7 @@ def test_dis_bins_sample_with_proposal_frequencies():
 
 def test_dis_tail_bin_holds_the_rest_of_the_mass():
     num_classes, top_r = 100, 10
-    rank_probabilities = proposals.LaplaceMixtureProposal().rank_probabilities(
-        num_classes
-    )
-    log_bins = proposals.LaplaceMixtureProposal().log_bin_probabilities(
-        np.zeros((2, top_r), "float32"),
-        num_classes=num_classes,
-        temperature=1.0,
-        rank_proposal=ops.convert_to_tensor(rank_probabilities),
-    )
+    rank_probabilities, log_bins = dis_rank_bins(num_classes, top_r, 2)
     bins = np.exp(ops.convert_to_numpy(log_bins))
     assert bins.shape == (1, top_r + 1)
     np.testing.assert_allclose(bins[0, :top_r], rank_probabilities[:top_r], rtol=1e-6)
