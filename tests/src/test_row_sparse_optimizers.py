@@ -193,3 +193,22 @@ def test_jax_step_has_no_dense_class_tensor():
                 full_size.append((equation.primitive.name, shape))
     # Only the in-place row writes (scatter) produce class-sized arrays.
     assert full_size == [], full_size
+
+
+def test_keras_optimizer_holds_no_class_sized_state():
+    """The compiled optimizer neither sees nor keeps state for the head."""
+    distiller = distill(True, keras.optimizers.Adam(0.01))
+    head = distiller.head
+    assert not any(
+        variable is head.kernel or variable is head.bias
+        for variable in distiller.trainable_variables
+    )
+    class_sized = [
+        variable.path
+        for variable in distiller.optimizer.variables
+        if 40 in tuple(variable.shape)
+    ]
+    assert class_sized == []
+    # The dense baseline, for contrast, keeps Adam moments of the kernel.
+    dense = distill(False, keras.optimizers.Adam(0.01))
+    assert any(40 in tuple(v.shape) for v in dense.optimizer.variables)
