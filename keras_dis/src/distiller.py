@@ -100,12 +100,8 @@ class Distiller(keras.Model):
             )
         self.head = heads[0]
         teacher_classes = self._teacher_num_classes(teacher)
-        if teacher_classes is not None and teacher_classes != self.head.num_classes:
-            raise ValueError(
-                "The teacher and the student must predict the same classes. "
-                f"Received: teacher with {teacher_classes} outputs, student "
-                f"head with num_classes={self.head.num_classes}"
-            )
+        if teacher_classes is not None:
+            self._check_teacher_classes(teacher_classes)
         if top_r is not None and not 1 <= top_r <= self.head.num_classes:
             raise ValueError(
                 f"`top_r` must be in [1, {self.head.num_classes}] or None. "
@@ -120,6 +116,14 @@ class Distiller(keras.Model):
         # Calling the distiller only calls the student: built with it (which
         # callbacks such as BackupAndRestore require before `fit`).
         self.built = student.built
+
+    def _check_teacher_classes(self, teacher_classes):
+        if teacher_classes != self.head.num_classes:
+            raise ValueError(
+                "The teacher and the student must predict the same classes. "
+                f"Received: teacher with {teacher_classes} outputs, student "
+                f"head with num_classes={self.head.num_classes}"
+            )
 
     @staticmethod
     def _teacher_num_classes(teacher):
@@ -192,12 +196,7 @@ class Distiller(keras.Model):
         if len(y.shape) == 2 and y.shape[-1] != 1:
             return y
         teacher_logits = ops.stop_gradient(self.teacher(x, training=False))
-        if teacher_logits.shape[-1] != self.head.num_classes:
-            raise ValueError(
-                "The teacher and the student must predict the same classes. "
-                f"Received: teacher logits of shape {teacher_logits.shape}, "
-                f"student head with num_classes={self.head.num_classes}"
-            )
+        self._check_teacher_classes(teacher_logits.shape[-1])
         return targets_module.pack_teacher_targets(
             ops.reshape(y, (-1,)), teacher_logits, self.top_r
         )

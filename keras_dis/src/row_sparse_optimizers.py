@@ -163,8 +163,10 @@ def sum_groups(values, leaders):
 class RowSparseOptimizer:
     """Applies a Keras optimizer's update to the touched rows of a head.
 
-    Owns no Keras state itself: its slot variables (one `C x d` and one
-    `(C,)` per optimizer slot, plus a step counter) are weights of `owner`
+    Owns no Keras state itself: its variables (the optimizer slots stacked
+    per parameter, `(C, num_slots, d)` and `(C, num_slots)`, a step counter,
+    a learning-rate mirror and a `(C,)` scratch of group leaders) are
+    weights of `owner`
     (the `Distiller`), so they are saved, restored and, on JAX, threaded
     through the compiled step with the rest of the model's state.
 
