@@ -6,6 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_dis.src import backend
 from keras_dis.src import proposals as proposals_module
 
 _step = threading.local()
@@ -227,8 +228,10 @@ class SampledDistillationHead(keras.layers.Layer):
             A tuple `(kernel_rows, bias_rows)` of shapes `(batch, n, d)` and
             `(batch, n)` (`bias_rows` is None without a bias).
         """
-        kernel_rows = ops.take(self.kernel, classes, axis=0)
-        bias_rows = ops.take(self.bias, classes, axis=0) if self.use_bias else None
+        kernel_rows = backend.take_rows(self.kernel, classes)
+        bias_rows = (
+            backend.take_rows(self.bias, classes) if self.use_bias else None
+        )
         return kernel_rows, bias_rows
 
     def sampled_logits(self, features, classes, rows=None):

@@ -167,7 +167,7 @@ class DISLoss(keras.losses.Loss):
             tail_logits,
             num_classes=num_classes,
             num_samples=self.k,
-            seed=head.seed_generator,
+            seed_generator=head.seed_generator,
         )
         label_logits = sampled_softmax.label_teacher_logits(
             labels, top_classes, top_logits, tail_logits

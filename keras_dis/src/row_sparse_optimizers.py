@@ -147,7 +147,7 @@ def group_leaders(indices, scratch):
     """
     positions = ops.arange(ops.shape(indices)[0], dtype="int32")
     backend.scatter_rows(scratch, indices, positions)
-    return ops.take(scratch.value, indices, axis=0)
+    return backend.take_rows(scratch.value, indices)
 
 
 def sum_groups(values, leaders):
@@ -157,7 +157,7 @@ def sum_groups(values, leaders):
     of a group gets the same sum, so the rows written for repeats agree.
     """
     sums = ops.segment_sum(values, leaders, num_segments=ops.shape(values)[0])
-    return ops.take(sums, leaders, axis=0)
+    return backend.take_rows(sums, leaders)
 
 
 class RowSparseOptimizer:
@@ -273,7 +273,7 @@ class RowSparseOptimizer:
                 (-1,) + tuple(parameter.shape[1:]),
             )
             slot_rows = (
-                ops.take(slots.value, classes, axis=0)
+                backend.take_rows(slots.value, classes)
                 if slots is not None
                 else None
             )

@@ -121,7 +121,7 @@ def test_uniform_sampling_gradient_converges_to_full_kd():
             np.zeros((1,), "float32"),
             num_classes=num_classes,
             num_samples=num_samples,
-            seed=keras.random.SeedGenerator(num_samples),
+            seed_generator=keras.random.SeedGenerator(num_samples),
         )
         subset = ops.concatenate([ops.full((1, 1), label, "int32"), classes], -1)
         teacher_subset = ops.concatenate(
@@ -155,16 +155,18 @@ def test_uniform_sampling_gradient_converges_to_full_kd():
 def test_nth_class_outside_matches_brute_force():
     rng = np.random.default_rng(3)
     num_classes, top_r = 30, 7
-    sorted_classes = np.sort(
-        np.stack([rng.choice(num_classes, top_r, replace=False) for _ in range(4)]),
-        axis=-1,
+    # In rank order, not sorted; the last row is a run of consecutive ids.
+    classes = np.stack(
+        [rng.choice(num_classes, top_r, replace=False) for _ in range(3)]
+        + [np.arange(top_r)[::-1] + 5]
     ).astype("int32")
     positions = rng.integers(0, num_classes - top_r, size=(4, 9)).astype("int32")
+    positions[:, 0] = [0, 0, num_classes - top_r - 1, 4]
     result = ops.convert_to_numpy(
-        sampled_softmax.nth_class_outside(sorted_classes, positions)
+        sampled_softmax.nth_class_outside(classes, positions)
     )
     for row in range(4):
-        outside = [c for c in range(num_classes) if c not in sorted_classes[row]]
+        outside = [c for c in range(num_classes) if c not in classes[row]]
         assert result[row].tolist() == [outside[p] for p in positions[row]]
 
 
@@ -209,7 +211,7 @@ def test_sample_classes_maps_ranks_and_tail():
         for t in sampled_softmax.sample_classes(
             log_bins, top_classes, top_logits, tail_logits,
             num_classes=num_classes, num_samples=400,
-            seed=keras.random.SeedGenerator(6),
+            seed_generator=keras.random.SeedGenerator(6),
         )
     )
     for row in range(2):

@@ -3,16 +3,41 @@
 Keras gives no portable in-place row update of a variable: `ops.scatter_update`
 returns a new tensor, which on TensorFlow copies the whole `C x d` kernel.
 Each backend module implements `scatter_rows(variable, indices, rows)`.
+A backend module may also implement `take_rows(values, indices)`,
+`uniform(shape, seed_generator)` and `randint(shape, maxval, seed_generator)`
+where Keras's own op is slow on it; otherwise those are Keras's.
 """
 
 import keras
+from keras import ops
+
+
+def take_rows(values, indices):
+    """`values[indices]` along the first axis; indices must be in range."""
+    return ops.take(values, indices, axis=0)
 
 _BACKEND = keras.backend.backend()
 
+
+def uniform(shape, seed_generator):
+    """Uniform float32 numbers in `[0, 1)`."""
+    return keras.random.uniform(shape, seed=seed_generator)
+
+
+def randint(shape, maxval, seed_generator):
+    """Uniform int32 numbers in `[0, maxval)`."""
+    return keras.random.randint(
+        shape, 0, maxval, seed=seed_generator, dtype="int32"
+    )
+
+
 if _BACKEND == "tensorflow":
+    from keras_dis.src.backend.tensorflow import randint  # noqa: F811
     from keras_dis.src.backend.tensorflow import scatter_rows
+    from keras_dis.src.backend.tensorflow import uniform  # noqa: F811
 elif _BACKEND == "jax":
     from keras_dis.src.backend.jax import scatter_rows
+    from keras_dis.src.backend.jax import take_rows  # noqa: F811
 elif _BACKEND == "torch":
     from keras_dis.src.backend.torch import scatter_rows
 else:
@@ -21,4 +46,4 @@ else:
         f"Received: KERAS_BACKEND={_BACKEND!r}"
     )
 
-__all__ = ["scatter_rows"]
+__all__ = ["randint", "scatter_rows", "take_rows", "uniform"]
