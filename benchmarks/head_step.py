@@ -10,7 +10,13 @@ student (features `(batch, d)` -> `C` classes, Adam) for:
 - `uniform`, `ftis`, `dis`: `keras_dis.Distiller` on cached teacher
   targets, `DISLoss(k)`, row-sparse lazy Adam on the head.
 
-Each (method, C) runs in a fresh process: the median step time after
+Each (method, C) runs in a fresh process. On JAX, glibc's allocator is told
+to keep freed memory (`ALLOCATOR_ENV`; `--default-malloc` turns it off):
+JAX on CPU allocates a step's temporaries with `malloc`, and by default glibc
+hands them back to the system after each step, so every step page-faults
+them in again (26 ms instead of 10 ms for DIS at C = 100k; no change for
+full KD). TensorFlow has its own allocator and gains nothing. The median
+step time after
 warm-up, and the peak resident memory added by building and training the
 model (over the process after imports and data), next to the size of the
 head's parameters plus optimizer state. Prints a table with the ratio against
@@ -31,6 +37,10 @@ import sys
 import time
 
 METHODS = ("full_kd", "tf_sampled_softmax", "uniform", "ftis", "dis")
+ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(2**31),
+    "MALLOC_TRIM_THRESHOLD_": str(2**40),
+}
 
 
 def peak_rss_mb():
@@ -76,9 +86,12 @@ def run_worker(args):
     targets = np.concatenate(
         [labels[:, None], np.full((batch, 1), -5.0), top_classes, top_logits], axis=-1
     ).astype("float32")
-    # Start the backend's runtime (thread pools, compiler) before the
-    # baseline, so that the peak counts what the model and its steps use.
+    # Start the backend's runtime (thread pools, compiler) and import
+    # tensorflow-probability's NumPy substrate (the DIS proposal's; about
+    # 0.5 GB resident on JAX and PyTorch) before the baseline, so that the
+    # peak counts what the model and its steps use.
     keras.ops.convert_to_numpy(keras.ops.sum(keras.ops.ones((8, 8))))
+    keras_dis.proposals.LaplaceMixtureProposal().rank_probabilities(2)
     rss_before = current_rss_mb()
     jit_compile = backend != "torch" and not args.no_xla
 
@@ -192,7 +205,10 @@ def run_all(args):
                 "--top-r", str(args.top_r), "--warmup", str(args.warmup),
                 "--repeats", str(args.repeats if method != "full_kd" or num_classes < 10**6 else args.full_repeats_at_1m),
             ] + (["--no-xla"] if args.no_xla else [])
-            result = subprocess.run(command, capture_output=True, text=True)
+            env = dict(os.environ)
+            if backend == "jax" and not args.default_malloc:
+                env.update(ALLOCATOR_ENV)
+            result = subprocess.run(command, capture_output=True, text=True, env=env)
             lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
             if result.returncode != 0 or not lines:
                 print(f"{method} C={num_classes} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
@@ -235,6 +251,8 @@ def main(argv=None):
     parser.add_argument("--full-repeats-at-1m", type=int, default=3,
                         help="repeats of full KD at C >= 1M (seconds per step)")
     parser.add_argument("--no-xla", action="store_true", help="no jit_compile")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator settings as they are")
     parser.add_argument("--output", default="benchmarks/results/head_step.csv")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
