@@ -27,7 +27,7 @@ class Distiller(keras.Model):
     - `y` of shape `(batch, 2 + 2R)`: targets packed ahead of time
       (`keras_dis.pack_teacher_targets` or a `keras_dis.TeacherCache`); the
       teacher is not run at all, which is what makes very many classes
-      cheap.
+      cheap. With only such targets, pass `teacher=None`.
 
     In training the student's head emits its features and the loss computes
     logits for the target plus `k` sampled classes only. At evaluation and
@@ -54,7 +54,9 @@ class Distiller(keras.Model):
     writes its own `compute_loss` instead.
 
     Args:
-        teacher: a trained `keras.Model` returning logits `(batch, C)`.
+        teacher: a trained `keras.Model` returning logits `(batch, C)`, or
+            `None` when `y` is always packed teacher targets (a
+            `TeacherCache`); the distiller then holds no teacher.
         student: a `keras.Model` whose output layer is a
             `SampledDistillationHead` with `num_classes == C`.
         top_r: optional int, how many teacher-ranked classes to keep per
@@ -72,6 +74,10 @@ class Distiller(keras.Model):
     distiller.fit(x, labels, epochs=30,
                   callbacks=[keras_dis.ProposalScheduler()])
     predictions = distiller.student.predict(x)  # full logits
+
+    # The data set relabelled once, no teacher in the training process:
+    targets = keras_dis.pack_teacher_targets(labels, teacher_logits, top_r=100)
+    keras_dis.Distiller(None, student).fit(x, targets, epochs=30)
     ```
     """
 
@@ -86,6 +92,8 @@ class Distiller(keras.Model):
     ):
         super().__init__(name=name, **kwargs)
         for arg_name, model in (("teacher", teacher), ("student", student)):
+            if model is None and arg_name == "teacher":
+                continue
             if not isinstance(model, keras.Model):
                 raise ValueError(
                     f"`{arg_name}` must be a keras.Model. "
@@ -99,7 +107,9 @@ class Distiller(keras.Model):
                 f"Found {len(heads)} in {student.name!r}."
             )
         self.head = heads[0]
-        teacher_classes = self._teacher_num_classes(teacher)
+        teacher_classes = (
+            None if teacher is None else self._teacher_num_classes(teacher)
+        )
         if teacher_classes is not None:
             self._check_teacher_classes(teacher_classes)
         if top_r is not None and not 1 <= top_r <= self.head.num_classes:
@@ -107,7 +117,8 @@ class Distiller(keras.Model):
                 f"`top_r` must be in [1, {self.head.num_classes}] or None. "
                 f"Received: top_r={top_r}"
             )
-        teacher.trainable = False
+        if teacher is not None:
+            teacher.trainable = False
         self.teacher = teacher
         self.student = student
         self.top_r = top_r
@@ -195,6 +206,8 @@ class Distiller(keras.Model):
         else the online teacher's ranking packed with the labels `y`."""
         if len(y.shape) == 2 and y.shape[-1] != 1:
             return y
+        if self.teacher is None:
+            raise ValueError(self._needs_packed_targets(y.shape))
         teacher_logits = ops.stop_gradient(self.teacher(x, training=False))
         self._check_teacher_classes(teacher_logits.shape[-1])
         return targets_module.pack_teacher_targets(
@@ -226,6 +239,8 @@ class Distiller(keras.Model):
                 )
             kwargs["callbacks"] = callbacks
         if isinstance(y, np.ndarray) and (y.ndim == 1 or y.shape[-1] == 1):
+            if self.teacher is None:
+                raise ValueError(self._needs_packed_targets(y.shape))
             num_classes = self.head.num_classes
             if y.size and (y.min() < 0 or y.max() >= num_classes):
                 raise ValueError(
@@ -233,6 +248,14 @@ class Distiller(keras.Model):
                     f"Received labels in [{y.min()}, {y.max()}]"
                 )
         return super().fit(x, y, *args, **kwargs)
+
+    @staticmethod
+    def _needs_packed_targets(y_shape):
+        return (
+            "Without a teacher (`teacher=None`), `y` must be packed teacher "
+            "targets of shape (batch, 2 + 2R) (`keras_dis.pack_teacher_targets`"
+            f" or a `keras_dis.TeacherCache`). Received: y.shape={y_shape}"
+        )
 
     def export_student(self):
         """The trained student as a plain Keras model (see

@@ -93,6 +93,32 @@ def test_cached_targets_do_not_run_the_teacher():
         distiller.fit(x, labels, epochs=1, batch_size=64, verbose=0)
 
 
+def test_no_teacher_trains_on_cached_targets_and_saves(tmp_path):
+    x, labels, teacher_logits = synthetic_problem(num_examples=256)
+    targets = np.asarray(
+        keras_dis.pack_teacher_targets(labels, teacher_logits, top_r=10)
+    )
+    distiller = keras_dis.Distiller(None, make_student())
+    distiller.compile(
+        optimizer=keras.optimizers.Adam(0.01), jit_compile=JIT_COMPILE
+    )
+    loss_before = distiller.evaluate(x, targets, verbose=0)
+    distiller.fit(x, targets, epochs=3, batch_size=64, verbose=0)
+    assert distiller.evaluate(x, targets, verbose=0) < 0.9 * loss_before
+    assert distiller.head.row_sparse_optimizer is not None
+    with pytest.raises(ValueError, match="teacher=None"):
+        distiller.fit(x, labels, epochs=1, batch_size=64, verbose=0)
+    path = os.path.join(tmp_path, "no_teacher.keras")
+    distiller.save(path)
+    restored = keras.saving.load_model(path)
+    assert restored.teacher is None
+    np.testing.assert_allclose(
+        restored.student.predict(x, verbose=0),
+        distiller.student.predict(x, verbose=0),
+        rtol=1e-6,
+    )
+
+
 def test_online_teacher_matches_cached_targets_in_evaluation():
     x, labels, teacher_logits = synthetic_problem(num_examples=128)
     teacher = make_teacher(x, teacher_logits)
