@@ -147,6 +147,34 @@ def test_full_softmax_methods_train_the_head_densely():
     assert distiller.head.row_sparse_optimizer is None
 
 
+NUM_STEP_CLASSES = 1009  # appears in no other shape of the step
+
+
+def trained_step_problem(row_sparse_updates=True):
+    """A distiller with a hidden layer, after one epoch, and one batch."""
+    features_dim, batch_size = 24, 32
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch_size, 8)).astype("float32")
+    teacher_logits = rng.normal(size=(batch_size, NUM_STEP_CLASSES)).astype(
+        "float32"
+    )
+    labels = teacher_logits.argmax(-1)
+    targets = np.asarray(
+        keras_dis.pack_teacher_targets(labels, teacher_logits, top_r=16)
+    )
+    inputs = keras.Input((8,))
+    features = keras.layers.Dense(features_dim)(inputs)
+    student = keras.Model(
+        inputs, keras_dis.SampledDistillationHead(NUM_STEP_CLASSES)(features)
+    )
+    distiller = keras_dis.Distiller(
+        None, student, row_sparse_updates=row_sparse_updates
+    )
+    distiller.compile(optimizer="adam", loss=keras_dis.DISLoss(k=10))
+    distiller.fit(x, targets, batch_size=batch_size, epochs=1, verbose=0)
+    return distiller, x, targets
+
+
 @pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="inspects the JAX program"
 )
@@ -154,20 +182,7 @@ def test_jax_step_has_no_dense_class_tensor():
     """No (C, d) gradient or update and no (B, C) tensor in the train step."""
     import jax
 
-    num_classes, features_dim, batch_size = 1009, 24, 32
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch_size, 8)).astype("float32")
-    teacher_logits = rng.normal(size=(batch_size, num_classes)).astype("float32")
-    labels = teacher_logits.argmax(-1)
-    targets = np.asarray(keras_dis.pack_teacher_targets(labels, teacher_logits, top_r=16))
-    inputs = keras.Input((8,))
-    features = keras.layers.Dense(features_dim)(inputs)
-    student = keras.Model(
-        inputs, keras_dis.SampledDistillationHead(num_classes)(features)
-    )
-    distiller = keras_dis.Distiller(make_teacher(x, teacher_logits), student)
-    distiller.compile(optimizer="adam", loss=keras_dis.DISLoss(k=10))
-    distiller.fit(x, targets, batch_size=batch_size, epochs=1, verbose=0)
+    distiller, x, targets = trained_step_problem()
     state = distiller._get_jax_state(
         trainable_variables=True, non_trainable_variables=True,
         optimizer_variables=True, metrics_variables=True,
@@ -187,12 +202,48 @@ def test_jax_step_has_no_dense_class_tensor():
     for equation in equations(jaxpr.jaxpr):
         for var in equation.outvars:
             shape = tuple(getattr(var.aval, "shape", ()))
-            if num_classes in shape and equation.primitive.name not in (
+            if NUM_STEP_CLASSES in shape and equation.primitive.name not in (
                 "scatter", "pjit", "jit",
             ):
                 full_size.append((equation.primitive.name, shape))
     # Only the in-place row writes (scatter) produce class-sized arrays.
     assert full_size == [], full_size
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="inspects the XLA program"
+)
+def test_tensorflow_xla_step_has_no_dense_class_tensor():
+    """The XLA-optimised HLO of the step writes class-sized arrays only in
+    the row scatters; the dense baseline computes whole `C x d` updates."""
+    import re
+
+    import tensorflow as tf
+
+    def class_sized_instructions(row_sparse_updates):
+        distiller, x, targets = trained_step_problem(row_sparse_updates)
+        step = tf.function(distiller.train_step, jit_compile=True)
+        hlo = step.experimental_get_compiler_ir(
+            (tf.constant(x), tf.constant(targets))
+        )(stage="optimized_hlo")
+        found = []
+        for line in hlo.splitlines():
+            match = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = (.*?) ([\w-]+)\(", line)
+            if not match:
+                continue
+            name, shape, opcode = match.groups()
+            structural = opcode in ("parameter", "tuple", "get-tuple-element", "bitcast")
+            row_write = opcode == "scatter" or (
+                opcode == "fusion" and "scatter" in name
+            )
+            if re.search(rf"\b{NUM_STEP_CLASSES}\b", shape) and not (
+                structural or row_write
+            ):
+                found.append((name, opcode, shape))
+        return found
+
+    assert class_sized_instructions(True) == []
+    assert len(class_sized_instructions(False)) > 0
 
 
 def test_keras_optimizer_holds_no_class_sized_state():
