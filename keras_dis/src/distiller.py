@@ -10,6 +10,7 @@ from keras_dis.src.head import export_student
 from keras_dis.src.losses import SAMPLED_PROPOSALS
 from keras_dis.src.losses import DISLoss
 from keras_dis.src.row_sparse_optimizers import RowSparseOptimizer
+from keras_dis.src.row_sparse_optimizers import add_slot
 
 
 @keras.saving.register_keras_serializable(package="keras_dis")
@@ -43,7 +44,8 @@ class Distiller(keras.Model):
     dense Adam). No `C x d` gradient or optimizer update is formed, so a
     step costs `O(B * k * d)` in the head on every backend. Their optimizer
     state is kept in weights of the distiller (saved with it). The rest of
-    the student is trained by the compiled optimizer as usual.
+    the student is trained by the compiled optimizer as usual. A head built
+    with its own `optimizer=` keeps training its rows with that one.
 
     Relation to `keras.distillation.Distiller` (Keras >= 3.12): same
     argument names (`teacher`, `student`) and the same contract (the
@@ -150,6 +152,8 @@ class Distiller(keras.Model):
         """
         loss = DISLoss() if loss is None else loss
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+        if self.head.optimizer is not None:
+            return  # the head updates its own rows
         row_sparse = (
             self.row_sparse_updates
             and isinstance(loss, DISLoss)
@@ -188,14 +192,7 @@ class Distiller(keras.Model):
         """The distiller's weight `name` for the row-sparse optimizer state,
         created (zeros, non-trainable) the first time it is asked for."""
         if name not in self._row_sparse_slots:
-            self._row_sparse_slots[name] = self.add_weight(
-                name=name,
-                shape=shape,
-                initializer="zeros",
-                dtype=dtype,
-                trainable=False,
-                autocast=False,
-            )
+            self._row_sparse_slots[name] = add_slot(self, name, shape, dtype)
         return self._row_sparse_slots[name]
 
     def call(self, inputs, training=None):

@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_dis.src import backend
 from keras_dis.src import proposals as proposals_module
+from keras_dis.src import row_sparse_optimizers
 
 _step = threading.local()
 _SEED_STATE_KEY = "seed_generator_state"
@@ -16,6 +17,9 @@ _SEED_STATE_KEY = "seed_generator_state"
 # kernel's size (at C = 10^6, d = 512 that is 2 GB each).
 _BLOCKWISE_INIT_MIN_SIZE = 2**24
 _BLOCK_ROWS = 2**15
+_OWN_OPTIMIZER_REMEDY = (
+    "Leave `optimizer=None` to train the head with the model's optimizer."
+)
 
 
 def class_major_initial_kernel(initializer, shape, dtype):
@@ -93,6 +97,18 @@ class SampledDistillationHead(keras.layers.Layer):
     (`sampled_logits(features, classes)`): `O(batch * k * d)` work instead
     of `O(batch * C * d)`. The head must therefore be the model's output.
 
+    Row-sparse training (`optimizer=`): given an SGD, Adam or RMSprop
+    optimizer, the head trains its kernel and bias itself, lazily and row
+    by row for the classes a step samples, with that optimizer's
+    hyperparameters (see `keras_dis.src.row_sparse_optimizers`); the model's
+    own optimizer then leaves them alone. This makes
+    `student.compile(loss=keras_dis.DISLoss(k=10))` an `O(B * k * d)` step
+    with no `C x d` gradient or optimizer update; the optimizer state is
+    kept in non-trainable weights of the head and saved with it. The loss
+    must then sample (`"dis"`, `"ftis"` or `"uniform"`). Without
+    `optimizer=`, the model's optimizer trains the whole kernel (or a
+    `keras_dis.Distiller` does it row by row).
+
     It also keeps the state of the DIS proposal as non-trainable weights,
     so it is saved with the model: `rank_proposal`, the probability of
     each teacher rank, and `right_scale`, the current second Laplace scale
@@ -107,6 +123,8 @@ class SampledDistillationHead(keras.layers.Layer):
             shape of the DIS proposal; defaults to the paper's scales in
             ranks (3 and 5).
         seed: optional int, seed of the class sampler.
+        optimizer: optional `keras.optimizers.SGD`, `Adam` or `RMSprop` (or
+            its name), with which the head trains its own rows (see above).
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -117,6 +135,16 @@ class SampledDistillationHead(keras.layers.Layer):
     (2, 10)
     >>> head.sampled_logits(features, np.array([[3, 1], [0, 9]])).shape
     (2, 2)
+
+    Row-sparse training of a plain model on packed teacher targets:
+
+    ```python
+    features = keras.Input((512,))
+    head = keras_dis.SampledDistillationHead(10**6, optimizer="adam")
+    student = keras.Model(features, head(features))
+    student.compile(optimizer="adam", loss=keras_dis.DISLoss(k=20))
+    student.fit(x, targets)  # targets from keras_dis.pack_teacher_targets
+    ```
     """
 
     def __init__(
@@ -127,6 +155,7 @@ class SampledDistillationHead(keras.layers.Layer):
         bias_initializer="zeros",
         rank_proposal=None,
         seed=None,
+        optimizer=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -152,7 +181,12 @@ class SampledDistillationHead(keras.layers.Layer):
         self.rank_proposal_config = rank_proposal
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
-        # Set by `Distiller.compile` to update the kernel rows lazily.
+        if optimizer is not None:
+            optimizer = keras.optimizers.get(optimizer)
+            row_sparse_optimizers.check_optimizer(optimizer, _OWN_OPTIMIZER_REMEDY)
+        self.optimizer = optimizer
+        # Updates the kernel rows lazily: set in `build` with `optimizer=`,
+        # else by `Distiller.compile`.
         self.row_sparse_optimizer = None
         self.input_spec = keras.layers.InputSpec(ndim=2)
 
@@ -197,6 +231,17 @@ class SampledDistillationHead(keras.layers.Layer):
             trainable=False,
             autocast=False,
         )
+        if self.optimizer is not None:
+            self.kernel.trainable = False
+            if self.use_bias:
+                self.bias.trainable = False
+            self.row_sparse_optimizer = row_sparse_optimizers.RowSparseOptimizer(
+                self.optimizer, self, owner=self, remedy=_OWN_OPTIMIZER_REMEDY
+            )
+
+    def row_sparse_slot(self, name, shape, dtype="float32"):
+        """A weight for the state of the head's own row-sparse optimizer."""
+        return row_sparse_optimizers.add_slot(self, name, shape, dtype)
 
     def set_right_scale(self, right_scale):
         """Sets the second Laplace scale and recomputes `rank_proposal`.
@@ -293,6 +338,11 @@ class SampledDistillationHead(keras.layers.Layer):
                     self.rank_proposal_config
                 ),
                 "seed": self.seed,
+                "optimizer": (
+                    None
+                    if self.optimizer is None
+                    else keras.optimizers.serialize(self.optimizer)
+                ),
             }
         )
         return config

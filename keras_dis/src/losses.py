@@ -75,9 +75,9 @@ class DISLoss(keras.losses.Loss):
 
     ```python
     features = keras.Input((64,))
-    student = keras.Model(
-        features, keras_dis.SampledDistillationHead(num_classes=1000)(features)
-    )
+    # `optimizer=` on the head: only the sampled rows are updated.
+    head = keras_dis.SampledDistillationHead(num_classes=1000, optimizer="adam")
+    student = keras.Model(features, head(features))
     student.compile(optimizer="adam", loss=keras_dis.DISLoss(k=10))
     targets = keras_dis.pack_teacher_targets(labels, teacher_logits)
     student.fit(x, targets, epochs=3, callbacks=[keras_dis.ProposalScheduler()])
@@ -146,6 +146,13 @@ class DISLoss(keras.losses.Loss):
         self._check_num_classes(head.num_classes)
         if self.proposal_name in SAMPLED_PROPOSALS:
             return self._sampled_loss(head, features, targets)
+        if head.optimizer is not None:
+            raise ValueError(
+                "A SampledDistillationHead with its own `optimizer` trains "
+                "its rows from sampled classes only: use proposal 'dis', "
+                "'ftis' or 'uniform', or build the head without `optimizer`. "
+                f"Received: proposal={self.proposal_name!r}"
+            )
         if self.proposal_name == "pdbs":
             return self._selected_loss(targets, head.full_logits(features))
         return self._full_softmax_loss(targets, head.full_logits(features))

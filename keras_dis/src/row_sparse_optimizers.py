@@ -46,14 +46,24 @@ def _slot_names(optimizer):
     return ("momentum",) if optimizer.momentum != 0 else ()
 
 
-def check_optimizer(optimizer):
-    """Raises a `ValueError` if `optimizer` has no row-sparse twin."""
+DISTILLER_REMEDY = (
+    "Pass `row_sparse_updates=False` to the Distiller to train the head "
+    "densely."
+)
+
+
+def check_optimizer(optimizer, remedy=DISTILLER_REMEDY):
+    """Raises a `ValueError` if `optimizer` has no row-sparse twin.
+
+    Args:
+        optimizer: a Keras optimizer.
+        remedy: the sentence that ends the error message: how to train the
+            head densely instead.
+    """
     if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
         raise ValueError(
             "Row-sparse head updates support keras.optimizers.SGD, Adam and "
-            f"RMSprop. Received: optimizer={optimizer!r}. Pass "
-            "`row_sparse_updates=False` to the Distiller to train the head "
-            "densely with any optimizer."
+            f"RMSprop. Received: optimizer={optimizer!r}. {remedy}"
         )
     unsupported = {
         "weight_decay": optimizer.weight_decay,
@@ -68,8 +78,7 @@ def check_optimizer(optimizer):
         if value:
             raise ValueError(
                 f"Row-sparse head updates do not support `{name}`. "
-                f"Received: {name}={value!r}. Pass `row_sparse_updates=False` "
-                "to the Distiller to train the head densely."
+                f"Received: {name}={value!r}. {remedy}"
             )
 
 
@@ -160,6 +169,19 @@ def sum_groups(values, leaders):
     return backend.take_rows(sums, leaders)
 
 
+def add_slot(layer, name, shape, dtype="float32"):
+    """A zero-initialised, non-trainable weight of `layer` for optimizer
+    state (never autocast: the state stays float32 under mixed precision)."""
+    return layer.add_weight(
+        name=name,
+        shape=shape,
+        initializer="zeros",
+        dtype=dtype,
+        trainable=False,
+        autocast=False,
+    )
+
+
 class RowSparseOptimizer:
     """Applies a Keras optimizer's update to the touched rows of a head.
 
@@ -171,17 +193,19 @@ class RowSparseOptimizer:
     through the compiled step with the rest of the model's state.
 
     Args:
-        optimizer: a compiled `keras.optimizers.SGD`, `Adam` or `RMSprop`;
-            its hyperparameters and learning rate (or schedule) are used.
+        optimizer: a `keras.optimizers.SGD`, `Adam` or `RMSprop`; its
+            hyperparameters and learning rate (or schedule) are used.
         head: the `SampledDistillationHead` whose kernel and bias to update.
-        owner: the layer that owns the slot variables.
+        owner: the layer that owns the slot variables; it provides
+            `row_sparse_slot(name, shape, dtype)`.
+        remedy: passed to `check_optimizer`.
     """
 
-    def __init__(self, optimizer, head, owner):
+    def __init__(self, optimizer, head, owner, remedy=DISTILLER_REMEDY):
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             # The head's update uses the unscaled, closed-form gradient.
             optimizer = optimizer.inner_optimizer
-        check_optimizer(optimizer)
+        check_optimizer(optimizer, remedy)
         self.optimizer = optimizer
         self.head = head
         self.parameters = [head.kernel] + ([head.bias] if head.use_bias else [])

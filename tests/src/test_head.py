@@ -172,3 +172,107 @@ def test_large_kernel_initialises_blockwise_with_dense_statistics(
     # 17.9M samples: the standard deviation is within 0.5%.
     np.testing.assert_allclose(kernel.std(), expected_std, rtol=5e-3)
     assert abs(kernel.mean()) < 1e-3 * expected_std * 10
+
+
+def copy_student_weights(source, target):
+    """Copies kernels and biases layer by layer (the heads' optimizer
+    slots differ between the two)."""
+    for source_layer, target_layer in zip(source.layers, target.layers):
+        for name in ("kernel", "bias"):
+            if getattr(source_layer, name, None) is not None:
+                # Through NumPy: on JAX the two must not share a buffer
+                # that training donates.
+                getattr(target_layer, name).assign(
+                    ops.convert_to_numpy(getattr(source_layer, name))
+                )
+
+
+def test_own_optimizer_trains_rows_like_the_distiller():
+    """`student.compile(loss=DISLoss)` with `optimizer=` on the head takes
+    the same steps as the Distiller's row-sparse path."""
+    import keras_dis
+    from tests.src.test_losses import make_student
+    from tests.src.test_losses import synthetic_problem
+
+    x, labels, teacher_logits = synthetic_problem(num_examples=256)
+    targets = np.asarray(
+        keras_dis.pack_teacher_targets(labels, teacher_logits, top_r=10)
+    )
+    student = make_student(head_optimizer=keras.optimizers.Adam(0.01))
+    reference = make_student()
+    copy_student_weights(student, reference)
+    head = student.layers[-1]
+    assert not head.kernel.trainable and head.row_sparse_optimizer is not None
+    student.compile(
+        optimizer=keras.optimizers.Adam(0.01), loss=keras_dis.DISLoss(k=5)
+    )
+    distiller = keras_dis.Distiller(None, reference)
+    distiller.compile(
+        optimizer=keras.optimizers.Adam(0.01), loss=keras_dis.DISLoss(k=5)
+    )
+    loss_before = student.evaluate(x, targets, verbose=0)
+    for model in (student, distiller):
+        model.fit(x, targets, epochs=2, batch_size=64, shuffle=False, verbose=0)
+    assert student.evaluate(x, targets, verbose=0) < 0.9 * loss_before
+    # The model's optimizer keeps no state for the head.
+    assert not any(
+        head.num_classes in tuple(v.shape) for v in student.optimizer.variables
+    )
+    for name in ("kernel", "bias"):
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(getattr(head, name)),
+            ops.convert_to_numpy(getattr(reference.layers[-1], name)),
+            rtol=1e-4,
+            atol=1e-6,
+        )
+
+
+def test_own_optimizer_is_saved_and_resumes(tmp_path):
+    import keras_dis
+    from tests.src.test_losses import make_student
+    from tests.src.test_losses import synthetic_problem
+
+    x, labels, teacher_logits = synthetic_problem(num_examples=128)
+    targets = np.asarray(
+        keras_dis.pack_teacher_targets(labels, teacher_logits, top_r=10)
+    )
+    student = make_student(head_optimizer="rmsprop")
+    student.compile(optimizer="adam", loss=keras_dis.DISLoss(k=5))
+    student.fit(x, targets, epochs=1, batch_size=64, verbose=0)
+    path = os.path.join(tmp_path, "student.keras")
+    student.save(path)
+    restored = keras.saving.load_model(path)
+    head, restored_head = student.layers[-1], restored.layers[-1]
+    assert isinstance(restored_head.optimizer, keras.optimizers.RMSprop)
+    for variable, restored_variable in zip(head.weights, restored_head.weights):
+        assert variable.path == restored_variable.path
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(variable), ops.convert_to_numpy(restored_variable)
+        )
+    assert float(ops.convert_to_numpy(restored_head.row_sparse_optimizer.step.value)) == 2.0
+    kernel_before = ops.convert_to_numpy(restored_head.kernel)
+    restored.fit(x, targets, epochs=1, batch_size=64, verbose=0)
+    assert not np.allclose(ops.convert_to_numpy(restored_head.kernel), kernel_before)
+
+
+def test_own_optimizer_needs_a_sampled_proposal():
+    import keras_dis
+    from tests.src.test_losses import make_student
+    from tests.src.test_losses import synthetic_problem
+
+    x, labels, teacher_logits = synthetic_problem(num_examples=64)
+    targets = np.asarray(keras_dis.pack_teacher_targets(labels, teacher_logits))
+    student = make_student(head_optimizer="adam")
+    student.compile(
+        optimizer="adam", loss=keras_dis.DISLoss(proposal="full")
+    )
+    with pytest.raises(ValueError, match="optimizer"):
+        student.fit(x, targets, epochs=1, batch_size=64, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "optimizer", ["adagrad", keras.optimizers.Adam(clipnorm=1.0)]
+)
+def test_bad_own_optimizer(optimizer):
+    with pytest.raises(ValueError, match="optimizer=None"):
+        SampledDistillationHead(10, optimizer=optimizer)

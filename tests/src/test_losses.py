@@ -20,10 +20,12 @@ def synthetic_problem(num_examples=512, num_classes=NUM_CLASSES, seed=0):
     return x, labels, teacher_logits
 
 
-def make_student(num_classes=NUM_CLASSES, seed=1):
+def make_student(num_classes=NUM_CLASSES, seed=1, head_optimizer=None):
     inputs = keras.Input((8,))
     features = keras.layers.Dense(32, activation="relu")(inputs)
-    outputs = SampledDistillationHead(num_classes, seed=seed)(features)
+    outputs = SampledDistillationHead(
+        num_classes, seed=seed, optimizer=head_optimizer
+    )(features)
     return keras.Model(inputs, outputs)
 
 

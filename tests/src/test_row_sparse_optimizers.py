@@ -150,8 +150,11 @@ def test_full_softmax_methods_train_the_head_densely():
 NUM_STEP_CLASSES = 1009  # appears in no other shape of the step
 
 
-def trained_step_problem(row_sparse_updates=True):
-    """A distiller with a hidden layer, after one epoch, and one batch."""
+def trained_step_problem(mode="distiller"):
+    """A model after one epoch, and one batch: a `"distiller"` with row-sparse
+    updates, a plain student whose head has its own optimizer
+    (`"own_optimizer"`), or a distiller training the head densely
+    (`"dense"`)."""
     features_dim, batch_size = 24, 32
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch_size, 8)).astype("float32")
@@ -164,30 +167,35 @@ def trained_step_problem(row_sparse_updates=True):
     )
     inputs = keras.Input((8,))
     features = keras.layers.Dense(features_dim)(inputs)
-    student = keras.Model(
-        inputs, keras_dis.SampledDistillationHead(NUM_STEP_CLASSES)(features)
+    head = keras_dis.SampledDistillationHead(
+        NUM_STEP_CLASSES,
+        optimizer="adam" if mode == "own_optimizer" else None,
     )
-    distiller = keras_dis.Distiller(
-        None, student, row_sparse_updates=row_sparse_updates
-    )
-    distiller.compile(optimizer="adam", loss=keras_dis.DISLoss(k=10))
-    distiller.fit(x, targets, batch_size=batch_size, epochs=1, verbose=0)
-    return distiller, x, targets
+    model = keras.Model(inputs, head(features))
+    if mode != "own_optimizer":
+        model = keras_dis.Distiller(
+            None, model, row_sparse_updates=mode == "distiller"
+        )
+    model.compile(optimizer="adam", loss=keras_dis.DISLoss(k=10))
+    model.fit(x, targets, batch_size=batch_size, epochs=1, verbose=0)
+    return model, x, targets
 
 
 @pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="inspects the JAX program"
 )
-def test_jax_step_has_no_dense_class_tensor():
-    """No (C, d) gradient or update and no (B, C) tensor in the train step."""
+@pytest.mark.parametrize("mode", ["distiller", "own_optimizer", "dense"])
+def test_jax_step_has_no_dense_class_tensor(mode):
+    """No (C, d) gradient or update and no (B, C) tensor in the train step
+    (the dense baseline, for contrast, has them)."""
     import jax
 
-    distiller, x, targets = trained_step_problem()
-    state = distiller._get_jax_state(
+    model, x, targets = trained_step_problem(mode)
+    state = model._get_jax_state(
         trainable_variables=True, non_trainable_variables=True,
         optimizer_variables=True, metrics_variables=True,
     )
-    jaxpr = jax.make_jaxpr(distiller.train_step)(state, (x, targets))
+    jaxpr = jax.make_jaxpr(model.train_step)(state, (x, targets))
 
     def equations(closed):
         for equation in closed.eqns:
@@ -207,7 +215,7 @@ def test_jax_step_has_no_dense_class_tensor():
             ):
                 full_size.append((equation.primitive.name, shape))
     # Only the in-place row writes (scatter) produce class-sized arrays.
-    assert full_size == [], full_size
+    assert (full_size == []) == (mode != "dense"), full_size
 
 
 @pytest.mark.skipif(
@@ -220,9 +228,9 @@ def test_tensorflow_xla_step_has_no_dense_class_tensor():
 
     import tensorflow as tf
 
-    def class_sized_instructions(row_sparse_updates):
-        distiller, x, targets = trained_step_problem(row_sparse_updates)
-        step = tf.function(distiller.train_step, jit_compile=True)
+    def class_sized_instructions(mode):
+        model, x, targets = trained_step_problem(mode)
+        step = tf.function(model.train_step, jit_compile=True)
         hlo = step.experimental_get_compiler_ir(
             (tf.constant(x), tf.constant(targets))
         )(stage="optimized_hlo")
@@ -242,8 +250,9 @@ def test_tensorflow_xla_step_has_no_dense_class_tensor():
                 found.append((name, opcode, shape))
         return found
 
-    assert class_sized_instructions(True) == []
-    assert len(class_sized_instructions(False)) > 0
+    assert class_sized_instructions("distiller") == []
+    assert class_sized_instructions("own_optimizer") == []
+    assert len(class_sized_instructions("dense")) > 0
 
 
 def test_keras_optimizer_holds_no_class_sized_state():
