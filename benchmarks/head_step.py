@@ -8,7 +8,9 @@ student (features `(batch, d)` -> `C` classes, Adam) for:
 - `tf_sampled_softmax` (TensorFlow only): `tf.nn.sampled_softmax_loss` with
   `k` sampled classes (hard labels), trained by Keras's Adam;
 - `uniform`, `ftis`, `dis`: `keras_dis.Distiller` on cached teacher
-  targets, `DISLoss(k)`, row-sparse lazy Adam on the head.
+  targets, `DISLoss(k)`, row-sparse lazy Adam on the head;
+- `dis_head_optimizer`: the plain path, `student.compile(loss=DISLoss(k))`
+  with `SampledDistillationHead(C, optimizer=Adam)` training its own rows.
 
 Each (method, C) runs in a fresh process. On JAX, glibc's allocator is told
 to keep freed memory (`ALLOCATOR_ENV`; `--default-malloc` turns it off):
@@ -36,7 +38,9 @@ import subprocess
 import sys
 import time
 
-METHODS = ("full_kd", "tf_sampled_softmax", "uniform", "ftis", "dis")
+METHODS = (
+    "full_kd", "tf_sampled_softmax", "uniform", "ftis", "dis", "dis_head_optimizer",
+)
 ALLOCATOR_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(2**31),
     "MALLOC_TRIM_THRESHOLD_": str(2**40),
@@ -100,12 +104,18 @@ def run_worker(args):
         jit_compile = False
         step, parameters = _tf_sampled_softmax_step(args, features, labels)
     else:
+        plain = args.method == "dis_head_optimizer"
         inputs = keras.Input((dim,))
-        head = keras_dis.SampledDistillationHead(classes, seed=0)
+        head = keras_dis.SampledDistillationHead(
+            classes, seed=0, optimizer=keras.optimizers.Adam(1e-3) if plain else None
+        )
         student = keras.Model(inputs, head(inputs))
-        proposal = "full" if args.method == "full_kd" else args.method
-        distiller = keras_dis.Distiller(None, student)  # cached targets
-        distiller.compile(
+        proposal = {"full_kd": "full", "dis_head_optimizer": "dis"}.get(
+            args.method, args.method
+        )
+        # Cached targets: a plain student, or a Distiller without teacher.
+        model = student if plain else keras_dis.Distiller(None, student)
+        model.compile(
             optimizer=keras.optimizers.Adam(1e-3),
             loss=keras_dis.DISLoss(k=k, proposal=proposal),
             jit_compile=jit_compile,
@@ -113,7 +123,7 @@ def run_worker(args):
         parameters = (classes * dim + classes) * 3  # weights, m, v
 
         def step():
-            distiller.train_on_batch(features, targets)
+            model.train_on_batch(features, targets)
 
     for _ in range(args.warmup):
         step()
