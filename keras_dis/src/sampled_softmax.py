@@ -61,9 +61,10 @@ def nth_class_outside(classes, positions):
 
     Maps a uniform draw over the `C - R` tail classes to a class id without
     materialising the tail: with the set sorted, the answer is
-    `n + #{i : sorted[i] - i <= n}`. `sorted[i] - i` is computed as
-    `class - #{smaller classes in the set}` from pairwise comparisons,
-    `(batch, R, R)`, which under XLA on CPU costs a third of a sort.
+    `n + #{i : sorted[i] - i <= n}`. The offsets `sorted[i] - i` come from
+    a sort, or on TensorFlow for small sets from pairwise comparisons,
+    `class - #{smaller classes in the set}` (under XLA on CPU a third of
+    the sort's time at `R = 100`; see `backend.PAIRWISE_RANK_MAX_SIZE`).
 
     Args:
         classes: int tensor `(batch, R)`, distinct per row, in any order.
@@ -74,10 +75,15 @@ def nth_class_outside(classes, positions):
     """
     classes = ops.cast(classes, "int32")
     positions = ops.cast(positions, "int32")
-    smaller = ops.sum(
-        ops.cast(classes[:, None, :] < classes[:, :, None], "int32"), axis=-1
-    )
-    offsets = classes - smaller
+    top_r = classes.shape[-1]
+    if top_r <= backend.PAIRWISE_RANK_MAX_SIZE:
+        smaller = ops.sum(
+            ops.cast(classes[:, None, :] < classes[:, :, None], "int32"),
+            axis=-1,
+        )
+        offsets = classes - smaller
+    else:
+        offsets = ops.sort(classes, axis=-1) - ops.arange(top_r, dtype="int32")
     skipped = ops.sum(
         ops.cast(offsets[:, None, :] <= positions[:, :, None], "int32"),
         axis=-1,

@@ -152,9 +152,10 @@ def test_uniform_sampling_gradient_converges_to_full_kd():
     assert cosines[-1] > cosines[0], cosines
 
 
-def test_nth_class_outside_matches_brute_force():
+@pytest.mark.parametrize("num_classes, top_r", [(30, 7), (700, 300)])
+def test_nth_class_outside_matches_brute_force(num_classes, top_r):
+    """Small sets (pairwise ranks on TensorFlow) and large ones (sorted)."""
     rng = np.random.default_rng(3)
-    num_classes, top_r = 30, 7
     # In rank order, not sorted; the last row is a run of consecutive ids.
     classes = np.stack(
         [rng.choice(num_classes, top_r, replace=False) for _ in range(3)]

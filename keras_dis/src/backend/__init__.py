@@ -5,11 +5,16 @@ returns a new tensor, which on TensorFlow copies the whole `C x d` kernel.
 Each backend module implements `scatter_rows(variable, indices, rows)`.
 A backend module may also implement `take_rows(values, indices)`,
 `uniform(shape, seed_generator)` and `randint(shape, maxval, seed_generator)`
-where Keras's own op is slow on it; otherwise those are Keras's.
+where Keras's own op is slow on it; otherwise those are Keras's. It may set
+`PAIRWISE_RANK_MAX_SIZE`, the largest set whose ranks are cheaper from
+pairwise comparisons than from a sort (0: always sort).
 """
 
 import keras
 from keras import ops
+
+
+PAIRWISE_RANK_MAX_SIZE = 0
 
 
 def take_rows(values, indices):
@@ -32,6 +37,9 @@ def randint(shape, maxval, seed_generator):
 
 
 if _BACKEND == "tensorflow":
+    from keras_dis.src.backend.tensorflow import (  # noqa: F811
+        PAIRWISE_RANK_MAX_SIZE,
+    )
     from keras_dis.src.backend.tensorflow import randint  # noqa: F811
     from keras_dis.src.backend.tensorflow import scatter_rows
     from keras_dis.src.backend.tensorflow import uniform  # noqa: F811
@@ -46,4 +54,10 @@ else:
         f"Received: KERAS_BACKEND={_BACKEND!r}"
     )
 
-__all__ = ["randint", "scatter_rows", "take_rows", "uniform"]
+__all__ = [
+    "PAIRWISE_RANK_MAX_SIZE",
+    "randint",
+    "scatter_rows",
+    "take_rows",
+    "uniform",
+]

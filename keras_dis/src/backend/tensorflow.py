@@ -2,6 +2,11 @@
 
 import tensorflow as tf
 
+# Ranks within a set of `R` ids, `(256, R)`, under XLA on CPU: pairwise
+# comparisons 0.6 ms against 1.8 ms for a sort at `R = 100`, 2.8 against
+# 4.0 ms at 200, even at 400 (JAX's sort is faster than both).
+PAIRWISE_RANK_MAX_SIZE = 256
+
 
 def scatter_rows(variable, indices, rows):
     """Writes `rows` into `variable[indices]` in place.
