@@ -239,6 +239,20 @@ class SampledDistillationHead(keras.layers.Layer):
                 self.optimizer, self, owner=self, remedy=_OWN_OPTIMIZER_REMEDY
             )
 
+    @property
+    def trainable(self):
+        return keras.layers.Layer.trainable.fget(self)
+
+    @trainable.setter
+    def trainable(self, value):
+        keras.layers.Layer.trainable.fset(self, value)
+        # Rows that the head's own optimizer trains stay out of the model
+        # optimizer's reach when the layer is unfrozen.
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.kernel.trainable = False
+            if self.use_bias:
+                self.bias.trainable = False
+
     def row_sparse_slot(self, name, shape, dtype="float32"):
         """A weight for the state of the head's own row-sparse optimizer."""
         return row_sparse_optimizers.add_slot(self, name, shape, dtype)

@@ -188,9 +188,9 @@ class RowSparseOptimizer:
     Owns no Keras state itself: its variables (the optimizer slots stacked
     per parameter, `(C, num_slots, d)` and `(C, num_slots)`, a step counter,
     a learning-rate mirror and a `(C,)` scratch of group leaders) are
-    weights of `owner`
-    (the `Distiller`), so they are saved, restored and, on JAX, threaded
-    through the compiled step with the rest of the model's state.
+    weights of `owner` (the `Distiller`, or the head when it has its own
+    optimizer), so they are saved, restored and, on JAX, threaded through
+    the compiled step with the rest of the model's state.
 
     Args:
         optimizer: a `keras.optimizers.SGD`, `Adam` or `RMSprop`; its
@@ -269,7 +269,13 @@ class RowSparseOptimizer:
             features: float tensor `(batch, d)`, the head's input.
             rows: the `(kernel_rows, bias_rows)` the logits were computed
                 from (`head.gather_rows(classes)`), reused here.
+
+        Does nothing while the head is frozen (`head.trainable = False`;
+        as for any Keras layer, recompile the train function after changing
+        it).
         """
+        if not self.head.trainable:
+            return
         classes = ops.reshape(ops.cast(classes, "int32"), (-1,))
         leaders = group_leaders(classes, self.group_leaders)
         logit_gradients = ops.stop_gradient(logit_gradients)

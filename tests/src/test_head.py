@@ -255,6 +255,31 @@ def test_own_optimizer_is_saved_and_resumes(tmp_path):
     assert not np.allclose(ops.convert_to_numpy(restored_head.kernel), kernel_before)
 
 
+def test_own_optimizer_respects_freezing():
+    import keras_dis
+    from tests.src.test_losses import make_student
+    from tests.src.test_losses import synthetic_problem
+
+    x, labels, teacher_logits = synthetic_problem(num_examples=128)
+    targets = np.asarray(keras_dis.pack_teacher_targets(labels, teacher_logits))
+    student = make_student(head_optimizer="adam")
+    head = student.layers[-1]
+
+    def kernel_after_fit():
+        student.compile(optimizer="adam", loss=keras_dis.DISLoss(k=5))
+        student.fit(x, targets, epochs=1, batch_size=64, verbose=0)
+        return ops.convert_to_numpy(head.kernel)
+
+    head.trainable = False
+    frozen = ops.convert_to_numpy(head.kernel)
+    np.testing.assert_array_equal(kernel_after_fit(), frozen)
+    head.trainable = True
+    # Unfrozen, the rows are still the head optimizer's alone.
+    assert not head.kernel.trainable and not head.bias.trainable
+    assert not any(v is head.kernel for v in student.trainable_variables)
+    assert not np.allclose(kernel_after_fit(), frozen)
+
+
 def test_own_optimizer_needs_a_sampled_proposal():
     import keras_dis
     from tests.src.test_losses import make_student
