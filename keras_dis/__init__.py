@@ -4,8 +4,8 @@ from keras_dis.src import losses
 from keras_dis.src import proposals
 from keras_dis.src.callbacks import ProposalScheduler
 from keras_dis.src.distiller import Distiller
+from keras_dis.src.export import export_student
 from keras_dis.src.head import SampledDistillationHead
-from keras_dis.src.head import export_student
 from keras_dis.src.losses import DISLoss
 from keras_dis.src.teacher_cache import TeacherCache
 from keras_dis.src.teacher_cache import TeacherCacheDataset

@@ -6,7 +6,7 @@ from keras import ops
 
 from keras_dis.src import teacher_targets as targets_module
 from keras_dis.src.callbacks import find_heads
-from keras_dis.src.head import export_student
+from keras_dis.src.export import export_student
 from keras_dis.src.losses import SAMPLED_PROPOSALS
 from keras_dis.src.losses import DISLoss
 from keras_dis.src.row_sparse_optimizers import RowSparseOptimizer

@@ -1,9 +1,7 @@
 """Robustness across the package: numerics, mixed precision, determinism,
-checkpoints and resuming, export."""
+checkpoints and resuming (export: `test_export.py`)."""
 
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -146,27 +144,3 @@ def test_model_checkpoint_saves_loadable_distillers(tmp_path):
     )
     for a, b in zip(restored.get_weights(), distiller.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6)
-
-
-def test_export_student_is_plain_keras(tmp_path):
-    distiller = train_once(seed=7, epochs=1)
-    exported = distiller.export_student()
-    assert isinstance(exported.layers[-1], keras.layers.Dense)
-    x = cached_problem(32)[0]
-    expected = distiller.student.predict(x, verbose=0)
-    np.testing.assert_allclose(exported.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
-    model_path = os.path.join(tmp_path, "exported.keras")
-    exported.save(model_path)
-    np.save(os.path.join(tmp_path, "x.npy"), x)
-    # A process that cannot import keras_dis loads and runs it.
-    script = (
-        "import sys; sys.modules['keras_dis'] = None\n"
-        "import numpy as np, keras\n"
-        f"model = keras.saving.load_model({model_path!r})\n"
-        f"x = np.load({os.path.join(tmp_path, 'x.npy')!r})\n"
-        f"np.save({os.path.join(tmp_path, 'out.npy')!r}, model.predict(x, verbose=0))\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, env=dict(os.environ))
-    np.testing.assert_allclose(
-        np.load(os.path.join(tmp_path, "out.npy")), expected, rtol=1e-5, atol=1e-6
-    )
