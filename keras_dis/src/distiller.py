@@ -1,16 +1,21 @@
 """`Distiller`: a frozen teacher and a student with a sampled head."""
 
+import warnings
+
 import keras
 import numpy as np
 from keras import ops
 
+from keras.src.losses.loss import reduce_weighted_values
+
+from keras_dis.src import backend
+from keras_dis.src import input_checks
+from keras_dis.src import sampled_step
 from keras_dis.src import teacher_targets as targets_module
 from keras_dis.src.callbacks import find_heads
 from keras_dis.src.export import export_student
-from keras_dis.src.losses import SAMPLED_PROPOSALS
 from keras_dis.src.losses import DISLoss
-from keras_dis.src.row_sparse_optimizers import RowSparseOptimizer
-from keras_dis.src.row_sparse_optimizers import add_slot
+from keras_dis.src.sampled_step import SAMPLED_PROPOSALS
 
 
 @keras.saving.register_keras_serializable(package="keras_dis")
@@ -19,7 +24,8 @@ class Distiller(keras.Model):
 
     The student's output layer must be a `keras_dis.SampledDistillationHead`.
     Each training step turns `(x, y)` into packed teacher targets and hands
-    them, with the student's output, to the compiled loss (a
+    them, with the student's output, to the sampled step of its head
+    (`keras_dis.src.sampled_step`), configured by the compiled loss (a
     `keras_dis.DISLoss`, DIS with `k=10` by default):
 
     - `y` of shape `(batch,)` or `(batch, 1)`: ground-truth labels. The
@@ -43,7 +49,8 @@ class Distiller(keras.Model):
     `keras_dis.src.row_sparse_optimizers` for how lazy Adam differs from
     dense Adam). No `C x d` gradient or optimizer update is formed, so a
     step costs `O(B * k * d)` in the head on every backend. Their optimizer
-    state is kept in weights of the distiller (saved with it). The rest of
+    state is kept in weights of the head (saved with it; the distiller holds
+    none), and the learning rate is the optimizer's at every step. The rest of
     the student is trained by the compiled optimizer as usual. A head built
     with its own `optimizer=` keeps training its rows with that one.
 
@@ -125,7 +132,6 @@ class Distiller(keras.Model):
         self.student = student
         self.top_r = top_r
         self.row_sparse_updates = row_sparse_updates
-        self._row_sparse_slots = {}
         # Calling the distiller only calls the student: built with it (which
         # callbacks such as BackupAndRestore require before `fit`).
         self.built = student.built
@@ -152,48 +158,38 @@ class Distiller(keras.Model):
         """
         loss = DISLoss() if loss is None else loss
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+        if not isinstance(self.loss, DISLoss):
+            raise ValueError(
+                "The Distiller's loss must be a keras_dis.DISLoss (any "
+                "method of the paper: `keras_dis.losses.get(name)`). "
+                f"Received: loss={loss!r}"
+            )
         if self.head.optimizer is not None:
             return  # the head updates its own rows
         row_sparse = (
-            self.row_sparse_updates
-            and isinstance(loss, DISLoss)
-            and loss.proposal_name in SAMPLED_PROPOSALS
+            self.row_sparse_updates and loss.proposal_name in SAMPLED_PROPOSALS
         )
-        if row_sparse:
-            if not self.head.built:
-                raise ValueError(
-                    "Row-sparse updates need a built student: give it an "
-                    "Input (or call `student.build(input_shape)`) before "
-                    "compiling the Distiller."
-                )
-            if kwargs.get("loss_weights") is not None:
-                raise ValueError(
-                    "Row-sparse head updates do not support `loss_weights`. "
-                    f"Received: loss_weights={kwargs['loss_weights']!r}"
-                )
-            recompiled = bool(self._row_sparse_slots)
-            updater = RowSparseOptimizer(self.optimizer, self.head, owner=self)
-            if recompiled:
-                updater.reset()
-        else:
-            updater = None
-        self.head.row_sparse_optimizer = updater
-        self.head.kernel.trainable = not row_sparse
-        if self.head.use_bias:
-            self.head.bias.trainable = not row_sparse
+        if not row_sparse:
+            self.head.disable_row_sparse_updates()
+            return
+        if not self.head.built:
+            raise ValueError(
+                "Row-sparse updates need a built student: give it an "
+                "Input (or call `student.build(input_shape)`) before "
+                "compiling the Distiller."
+            )
+        if kwargs.get("loss_weights") is not None:
+            raise ValueError(
+                "Row-sparse head updates do not support `loss_weights`. "
+                f"Received: loss_weights={kwargs['loss_weights']!r}"
+            )
+        self.head.enable_row_sparse_updates(self.optimizer)
 
     def compile_from_config(self, config):
         """Recompiles a loaded distiller, row-sparse state included."""
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)
-
-    def row_sparse_slot(self, name, shape, dtype="float32"):
-        """The distiller's weight `name` for the row-sparse optimizer state,
-        created (zeros, non-trainable) the first time it is asked for."""
-        if name not in self._row_sparse_slots:
-            self._row_sparse_slots[name] = add_slot(self, name, shape, dtype)
-        return self._row_sparse_slots[name]
 
     def call(self, inputs, training=None):
         return self.student(inputs, training=training)
@@ -214,27 +210,35 @@ class Distiller(keras.Model):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        return super().compute_loss(
-            x=x,
-            y=self.teacher_targets(x, y),
-            y_pred=y_pred,
-            sample_weight=sample_weight,
-            training=training,
+        targets = self.teacher_targets(x, y)
+        if not self.head.claim_training_output(y_pred):
+            # Full logits (evaluation): the exact loss, as compiled.
+            return super().compute_loss(
+                x=x,
+                y=targets,
+                y_pred=y_pred,
+                sample_weight=sample_weight,
+                training=training,
+            )
+        # Training: the head's sampled step, called directly.
+        losses = sampled_step.distillation_losses(
+            self.head, y_pred, targets, self.loss, sample_weight=sample_weight
         )
+        total = reduce_weighted_values(
+            losses,
+            sample_weight=sample_weight,
+            reduction=self.loss.reduction,
+            dtype=self.loss.dtype,
+        )
+        for extra_loss in self.losses:  # add_loss and regularizers
+            total = total + self._aggregate_additional_loss(extra_loss)
+        return total
 
     def fit(self, x=None, y=None, *args, **kwargs):
         """As `keras.Model.fit`; array labels are checked to be in range, and
         an uncompiled distiller is compiled with the defaults."""
         self._compile_if_needed()
-        if self.head.row_sparse_optimizer is not None:
-            callbacks = kwargs.pop("callbacks", None)
-            if isinstance(callbacks, keras.callbacks.CallbackList):
-                callbacks.append(_SyncRowSparseLearningRate(self.head))
-            else:
-                callbacks = [_SyncRowSparseLearningRate(self.head)] + list(
-                    callbacks or []
-                )
-            kwargs["callbacks"] = callbacks
+        kwargs["callbacks"] = self._with_step_callback(kwargs.get("callbacks"))
         if isinstance(y, np.ndarray) and (y.ndim == 1 or y.shape[-1] == 1):
             if self.teacher is None:
                 raise ValueError(self._needs_packed_targets(y.shape))
@@ -262,7 +266,16 @@ class Distiller(keras.Model):
     def evaluate(self, *args, **kwargs):
         """As `keras.Model.evaluate`; compiles with the defaults if needed."""
         self._compile_if_needed()
+        kwargs["callbacks"] = self._with_step_callback(kwargs.get("callbacks"))
         return super().evaluate(*args, **kwargs)
+
+    def _with_step_callback(self, callbacks):
+        # Last, so that it sees the learning rate other callbacks set.
+        step_callback = _HeadStepCallback(self.head)
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks.append(step_callback)
+            return callbacks
+        return list(callbacks or []) + [step_callback]
 
     def _compile_if_needed(self):
         if not self.compiled:
@@ -285,12 +298,41 @@ class Distiller(keras.Model):
         return cls(**config)
 
 
-class _SyncRowSparseLearningRate(keras.callbacks.Callback):
-    """Keeps the head's row-sparse learning rate equal to the optimizer's."""
+class _HeadStepCallback(keras.callbacks.Callback):
+    """Host-side work around each step of the head.
+
+    At the start of an epoch, after the other callbacks (it is the last
+    one), the head's learning-rate mirror takes the optimizer's learning
+    rate: the JAX step reads the mirror, and reads its state at the start
+    of an epoch, as it does the optimizer's. After a batch: raises the
+    input error the step recorded (an XLA-compiled TensorFlow step cannot
+    raise it itself; elsewhere the step has raised already).
+    """
 
     def __init__(self, head):
         super().__init__()
         self.head = head
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.head.row_sparse_optimizer.sync_learning_rate()
+        if self.head.row_sparse_optimizer is not None:
+            self.head.row_sparse_optimizer.sync_learning_rate()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._raise_input_error()
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._raise_input_error()
+
+    def _raise_input_error(self):
+        if not backend.MAY_DEFER_INPUT_ERRORS:
+            return
+        code = int(keras.ops.convert_to_numpy(self.head.input_error_code))
+        if code != input_checks.OK:
+            self.head.input_error_code.assign(input_checks.OK)
+            raise ValueError(
+                input_checks.error_message(
+                    code,
+                    keras.ops.convert_to_numpy(self.head.input_error_value),
+                    self.head.num_classes,
+                )
+            )

@@ -1,7 +1,5 @@
 """`SampledDistillationHead`: the student's last layer, sampled in training."""
 
-import threading
-
 import keras
 import numpy as np
 from keras import ops
@@ -9,8 +7,8 @@ from keras import ops
 from keras_dis.src import backend
 from keras_dis.src import proposals as proposals_module
 from keras_dis.src import row_sparse_optimizers
+from keras_dis.src import sampled_step
 
-_step = threading.local()
 _SEED_STATE_KEY = "seed_generator_state"
 # Above this many kernel entries, fan-scaled initial values are generated
 # in row blocks on the host, so initialisation needs no temporaries of the
@@ -73,14 +71,6 @@ def class_major_initial_kernel(initializer, shape, dtype):
     return kernel
 
 
-def pop_training_head():
-    """The head that ran in training mode in this step, if any, and forget
-    it (`DISLoss` calls this once per step)."""
-    head = getattr(_step, "head", None)
-    _step.head = None
-    return head
-
-
 @keras.saving.register_keras_serializable(package="keras_dis")
 class SampledDistillationHead(keras.layers.Layer):
     """The student's classification layer, with logits computed on demand.
@@ -91,11 +81,15 @@ class SampledDistillationHead(keras.layers.Layer):
     trained student needs nothing special.
 
     In training (`training=True`, as inside `fit`) it returns its input
-    features unchanged and marks itself as the head of the step; the loss
-    that follows (`keras_dis.DISLoss`) then computes logits only for the
-    classes it samples, by gathering their rows
+    features, tagged with the head; the loss that follows
+    (`keras_dis.DISLoss`, or the `keras_dis.Distiller`) then computes
+    logits only for the classes it samples, by gathering their rows
     (`sampled_logits(features, classes)`): `O(batch * k * d)` work instead
-    of `O(batch * C * d)`. The head must therefore be the model's output.
+    of `O(batch * C * d)`; `keras_dis.src.sampled_step` is that step. The
+    head must therefore be the model's output, and its training output
+    must go to a `DISLoss`: a layer after the head, another loss (e.g.
+    `"sparse_categorical_crossentropy"`) or code that calls the model with
+    `training=True` outside `fit` raise a `ValueError` that says so.
 
     Row-sparse training (`optimizer=`): given an SGD, Adam or RMSprop
     optimizer, the head trains its kernel and bias itself, lazily and row
@@ -112,7 +106,9 @@ class SampledDistillationHead(keras.layers.Layer):
     It also keeps the state of the DIS proposal as non-trainable weights,
     so it is saved with the model: `rank_proposal`, the probability of
     each teacher rank, and `right_scale`, the current second Laplace scale
-    (annealed by `keras_dis.ProposalScheduler`), plus the sampler's seed.
+    (annealed by `keras_dis.ProposalScheduler`), plus the sampler's seed;
+    and the result of the last step's input checks (`input_error_code`,
+    `input_error_value`; see `keras_dis.src.input_checks`).
 
     Args:
         num_classes: int, the number of classes `C`.
@@ -186,8 +182,11 @@ class SampledDistillationHead(keras.layers.Layer):
             row_sparse_optimizers.check_optimizer(optimizer, _OWN_OPTIMIZER_REMEDY)
         self.optimizer = optimizer
         # Updates the kernel rows lazily: set in `build` with `optimizer=`,
-        # else by `Distiller.compile`.
+        # else by `Distiller.compile` (`enable_row_sparse_updates`).
         self.row_sparse_optimizer = None
+        self._row_sparse_slots = {}
+        # Whether the last training output awaits its `DISLoss`.
+        self._training_output_pending = False
         self.input_spec = keras.layers.InputSpec(ndim=2)
 
     def build(self, input_shape):
@@ -231,13 +230,23 @@ class SampledDistillationHead(keras.layers.Layer):
             trainable=False,
             autocast=False,
         )
+        self.input_error_code = self.add_weight(
+            name="input_error_code",
+            shape=(),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+            autocast=False,
+        )
+        self.input_error_value = self.add_weight(
+            name="input_error_value",
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+        )
         if self.optimizer is not None:
-            self.kernel.trainable = False
-            if self.use_bias:
-                self.bias.trainable = False
-            self.row_sparse_optimizer = row_sparse_optimizers.RowSparseOptimizer(
-                self.optimizer, self, owner=self, remedy=_OWN_OPTIMIZER_REMEDY
-            )
+            self.enable_row_sparse_updates(self.optimizer, _OWN_OPTIMIZER_REMEDY)
 
     @property
     def trainable(self):
@@ -253,9 +262,85 @@ class SampledDistillationHead(keras.layers.Layer):
             if self.use_bias:
                 self.bias.trainable = False
 
+    def enable_row_sparse_updates(self, optimizer, remedy=None):
+        """Trains the kernel and bias row by row with `optimizer`'s update.
+
+        The head creates (or, after a recompile, zeros) the optimizer state
+        it needs as its own non-trainable weights, and its kernel and bias
+        leave the model optimizer's trainable variables. `Distiller.compile`
+        calls this with the distiller's optimizer; `optimizer=` at
+        construction does it in `build`.
+
+        Args:
+            optimizer: a `keras.optimizers.SGD`, `Adam` or `RMSprop`.
+            remedy: the sentence ending the error for another optimizer.
+        """
+        kwargs = {} if remedy is None else {"remedy": remedy}
+        recompiled = bool(self._row_sparse_slots)
+        self._tracker.unlock()
+        try:
+            self.row_sparse_optimizer = row_sparse_optimizers.RowSparseOptimizer(
+                optimizer, self, **kwargs
+            )
+        finally:
+            self._tracker.lock()
+        if recompiled:
+            self.row_sparse_optimizer.reset()
+        self.kernel.trainable = False
+        if self.use_bias:
+            self.bias.trainable = False
+
+    def disable_row_sparse_updates(self):
+        """The model optimizer trains the kernel and bias again (densely)."""
+        if self.optimizer is not None:
+            return  # the head's own optimizer keeps its rows
+        self.row_sparse_optimizer = None
+        self.kernel.trainable = True
+        if self.use_bias:
+            self.bias.trainable = True
+
     def row_sparse_slot(self, name, shape, dtype="float32"):
-        """A weight for the state of the head's own row-sparse optimizer."""
-        return row_sparse_optimizers.add_slot(self, name, shape, dtype)
+        """The head's weight `name` for its row-sparse optimizer state,
+        created (zeros, non-trainable) the first time it is asked for."""
+        if name not in self._row_sparse_slots:
+            self._row_sparse_slots[name] = row_sparse_optimizers.add_slot(
+                self, name, shape, dtype
+            )
+        return self._row_sparse_slots[name]
+
+    def record_input_error(self, error_code, error_value):
+        """Keeps the result of a step's input checks (0: none)."""
+        self.input_error_code.assign(ops.cast(error_code, "int32"))
+        self.input_error_value.assign(ops.cast(error_value, "float32"))
+
+    def claim_training_output(self, y_pred):
+        """Whether `y_pred` is this head's training output; if so, it is
+        consumed (the sampled step of `y_pred` is computed by the caller)."""
+        if sampled_step.training_head(y_pred) is not self:
+            return False
+        self._training_output_pending = False
+        return True
+
+    @property
+    def metrics(self):
+        # Keras collects every layer's metrics after the loss of a train or
+        # test step (and before fit and evaluate): the training output of
+        # the head must have reached a `DISLoss` by then.
+        if self._training_output_pending and backend.after_step_loss():
+            self._training_output_pending = False
+            raise ValueError(
+                f"The training output of SampledDistillationHead "
+                f"{self.name!r} was not used by a keras_dis.DISLoss. In "
+                "training the head returns its input features, shape "
+                f"(batch, {self.kernel.shape[-1]}), not logits, so that the "
+                "loss computes logits for sampled classes only; another loss "
+                "(e.g. 'sparse_categorical_crossentropy') would train on "
+                "features as if they were logits. Compile the model with "
+                "`loss=keras_dis.DISLoss(...)` (or train it with "
+                "keras_dis.Distiller), and call it with `training=False` to "
+                "get logits outside `fit`."
+            )
+        return super().metrics
 
     def set_right_scale(self, right_scale):
         """Sets the second Laplace scale and recomputes `rank_proposal`.
@@ -314,11 +399,20 @@ class SampledDistillationHead(keras.layers.Layer):
         return logits
 
     def call(self, inputs, training=None):
-        if training:
-            _step.head = self
-            return inputs
-        _step.head = None
-        return self.full_logits(inputs)
+        if not training:
+            return self.full_logits(inputs)
+        consumers = [node.operation.name for node in self._outbound_nodes]
+        if consumers:
+            raise ValueError(
+                f"SampledDistillationHead {self.name!r} feeds {consumers}: in "
+                "training it returns its features for keras_dis.DISLoss, not "
+                "logits, so it must be the model's output. Remove the layers "
+                "after it (at inference the head returns logits: apply "
+                "softmax to `model.predict(x)`), or use a "
+                "keras.layers.Dense head."
+            )
+        self._training_output_pending = True
+        return sampled_step.mark_training_output(self, inputs)
 
     def save_own_variables(self, store):
         # The sampler's random state is saved too, so a resumed run draws
@@ -329,9 +423,19 @@ class SampledDistillationHead(keras.layers.Layer):
     def load_own_variables(self, store):
         if _SEED_STATE_KEY in store.keys():
             self.seed_generator.state.assign(store[_SEED_STATE_KEY])
-        super().load_own_variables(
-            {key: store[key] for key in store.keys() if key != _SEED_STATE_KEY}
-        )
+        variables = {
+            key: store[key] for key in store.keys() if key != _SEED_STATE_KEY
+        }
+        if len(variables) > len(self.weights) and self.row_sparse_optimizer is None:
+            raise ValueError(
+                f"The saved SampledDistillationHead {self.name!r} holds "
+                f"{len(variables)} variables, this one {len(self.weights)}: "
+                "the saved head carries the state of its row-sparse "
+                "optimizer, which the head creates when it is compiled. "
+                "Call `distiller.compile(optimizer=...)` with the optimizer "
+                "of the saved run before `load_weights`."
+            )
+        super().load_own_variables(variables)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.num_classes,)
@@ -360,4 +464,3 @@ class SampledDistillationHead(keras.layers.Layer):
             }
         )
         return config
-

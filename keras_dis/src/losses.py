@@ -2,14 +2,16 @@
 
 import keras
 from keras import ops
+from keras.src.losses.loss import reduce_weighted_values
 
+from keras_dis.src import input_checks
 from keras_dis.src import proposals as proposals_module
 from keras_dis.src import sampled_softmax
+from keras_dis.src import sampled_step
 from keras_dis.src import teacher_targets as targets_module
-from keras_dis.src.head import pop_training_head
+from keras_dis.src.sampled_step import SAMPLED_PROPOSALS
 
 FULL = "full"
-SAMPLED_PROPOSALS = ("dis", "ftis", "uniform")
 PROPOSAL_NAMES = SAMPLED_PROPOSALS + ("pdbs", FULL)
 
 # Every row of the paper's tables, by name.
@@ -51,8 +53,10 @@ class DISLoss(keras.losses.Loss):
     `keras_dis.pack_teacher_targets` and `keras_dis.TeacherCache`.
 
     Predictions (`y_pred`): the output of a `keras_dis.SampledDistillationHead`.
-    In training the head hands over its features and this loss gathers the
-    rows of the sampled classes only. Given full logits `(batch, C)` instead
+    In training the head returns its features, tagged with the head, and
+    this loss runs the head's sampled step (`keras_dis.src.sampled_step`):
+    it gathers the rows of the sampled classes only and, when the head has
+    a row-sparse optimizer, updates those rows. Given full logits `(batch, C)` instead
     (the head at evaluation, or any other classifier), the loss is the exact
     full-softmax loss for every proposal, so validation losses compare across
     methods.
@@ -116,13 +120,13 @@ class DISLoss(keras.losses.Loss):
         self.proposal = proposal
         self.temperature = float(temperature)
         self.distillation_weight = float(distillation_weight)
-        self._sample_weight = None
 
     @property
     def proposal_name(self):
         return FULL if self.proposal == FULL else self.proposal.name
 
-    def _check_num_classes(self, num_classes):
+    def check_num_classes(self, num_classes):
+        """Raises a `ValueError` if `k` does not fit `num_classes`."""
         if self.proposal_name != FULL and self.k >= num_classes:
             raise ValueError(
                 f"`k` must be smaller than the number of classes "
@@ -130,108 +134,66 @@ class DISLoss(keras.losses.Loss):
                 f"Received: k={self.k}"
             )
 
-    def call(self, y_true, y_pred):
-        targets = targets_module.unpack_teacher_targets(y_true)
-        head = pop_training_head()
-        if head is None:
-            return self._full_softmax_loss(targets, y_pred)
-        features = ops.cast(y_pred, "float32")
-        if features.shape[-1] != head.kernel.shape[-1]:
-            raise ValueError(
-                "In training, `y_pred` must be the features that the "
-                "SampledDistillationHead passes through, of shape (batch, "
-                f"{head.kernel.shape[-1]}). Received: y_pred.shape="
-                f"{y_pred.shape}. Make the head the model's output."
-            )
-        self._check_num_classes(head.num_classes)
-        if self.proposal_name in SAMPLED_PROPOSALS:
-            return self._sampled_loss(head, features, targets)
-        if head.optimizer is not None:
-            raise ValueError(
-                "A SampledDistillationHead with its own `optimizer` trains "
-                "its rows from sampled classes only: use proposal 'dis', "
-                "'ftis' or 'uniform', or build the head without `optimizer`. "
-                f"Received: proposal={self.proposal_name!r}"
-            )
-        if self.proposal_name == "pdbs":
-            return self._selected_loss(targets, head.full_logits(features))
-        return self._full_softmax_loss(targets, head.full_logits(features))
-
-    def _sampled_loss(self, head, features, targets):
-        labels, tail_logits, top_classes, top_logits = targets
-        num_classes = head.num_classes
-        log_bins = self.proposal.log_bin_probabilities(
-            top_logits,
-            num_classes=num_classes,
-            temperature=self.temperature,
-            tail_logits=tail_logits,
-            rank_proposal=head.rank_proposal,
-        )
-        classes, teacher_logits, log_proposal = sampled_softmax.sample_classes(
-            log_bins,
-            top_classes,
-            top_logits,
-            tail_logits,
-            num_classes=num_classes,
-            num_samples=self.k,
-            seed_generator=head.seed_generator,
-        )
-        label_logits = sampled_softmax.label_teacher_logits(
-            labels, top_classes, top_logits, tail_logits
-        )
-        subset = ops.concatenate([labels[:, None], classes], axis=-1)
-        rows = head.gather_rows(subset)
-        estimator_inputs = {
-            "student_logits": head.sampled_logits(features, subset, rows),
-            "teacher_logits": ops.concatenate(
-                [label_logits[:, None], teacher_logits], axis=-1
-            ),
-            "temperature": self.temperature,
-            "log_proposal": ops.pad(log_proposal, ((0, 0), (1, 0))),
-            "distillation_weight": self.distillation_weight,
-            "label_position": 0,
-        }
-        if head.row_sparse_optimizer is not None:
-            logit_gradients = sampled_softmax.distillation_cross_entropy_gradient(
-                **estimator_inputs
-            )
-            head.row_sparse_optimizer.apply(
-                subset,
-                logit_gradients * self._reduction_weights(features)[:, None],
-                features,
-                rows,
-            )
-        return sampled_softmax.distillation_cross_entropy(**estimator_inputs)
-
-    def _reduction_weights(self, features):
-        """d (reduced loss) / d (loss of each sample), `(batch,)`."""
-        batch_size = ops.shape(features)[0]
-        weights = ops.ones((batch_size,), "float32")
-        if self._sample_weight is not None:
-            weights = ops.reshape(ops.cast(self._sample_weight, "float32"), (-1,))
-        if self.reduction == "sum":
-            return weights
-        if self.reduction == "sum_over_batch_size":
-            return weights / ops.cast(batch_size, "float32")
-        raise ValueError(
-            "Row-sparse head updates need `reduction` 'sum_over_batch_size' "
-            f"or 'sum'. Received: reduction={self.reduction!r}"
-        )
-
     def __call__(self, y_true, y_pred, sample_weight=None):
-        # The row-sparse update needs the weights that the reduction applies.
-        self._sample_weight = sample_weight
-        try:
+        head = sampled_step.training_head(y_pred)
+        if head is None:
             return super().__call__(y_true, y_pred, sample_weight=sample_weight)
-        finally:
-            self._sample_weight = None
+        # The training output of a SampledDistillationHead: its features.
+        head.claim_training_output(y_pred)
+        with keras.name_scope(self.name):
+            losses = sampled_step.distillation_losses(
+                head,
+                y_pred,
+                ops.convert_to_tensor(y_true, "float32"),
+                self,
+                sample_weight=sample_weight,
+            )
+            return reduce_weighted_values(
+                losses,
+                sample_weight=sample_weight,
+                reduction=self.reduction,
+                dtype=self.dtype,
+            )
 
-    def _full_softmax_loss(self, targets, student_logits):
-        num_classes = student_logits.shape[-1]
-        self._check_num_classes(num_classes)
+    def call(self, y_true, y_pred):
+        """The loss of full logits `y_pred`, `(batch, C)`, per sample."""
+        num_classes = y_pred.shape[-1]
+        top_r = targets_module.top_r_of(y_true)
+        if num_classes is not None and top_r > num_classes:
+            raise ValueError(
+                f"`y_true` ranks {top_r} classes but `y_pred` has "
+                f"{num_classes}: the targets were packed for another number "
+                f"of classes. Received: y_true.shape={tuple(y_true.shape)}, "
+                f"y_pred.shape={tuple(y_pred.shape)}"
+            )
+        error_code, _, targets = sampled_step.validated_teacher_targets(
+            y_true, num_classes
+        )
+        return input_checks.keep_if_valid(
+            error_code, self.losses_from_logits(targets, y_pred)
+        )
+
+    def losses_from_logits(self, targets, student_logits):
+        """Per-sample losses of full student logits.
+
+        The exact full-softmax loss, or PDBS's selected subset.
+
+        Args:
+            targets: `(labels, tail_logits, top_classes, top_logits)`, as
+                from `keras_dis.src.teacher_targets.unpack_teacher_targets`.
+            student_logits: float tensor `(batch, C)`.
+
+        Returns:
+            float32 tensor `(batch,)`.
+        """
+        self.check_num_classes(student_logits.shape[-1])
+        if self.proposal_name == "pdbs":
+            return self._selected_loss(targets, student_logits)
         return sampled_softmax.distillation_cross_entropy(
             student_logits,
-            targets_module.dense_teacher_logits(targets, num_classes),
+            targets_module.dense_teacher_logits(
+                targets, student_logits.shape[-1]
+            ),
             temperature=self.temperature,
             distillation_weight=self.distillation_weight,
             labels=targets[0],

@@ -185,23 +185,30 @@ def add_slot(layer, name, shape, dtype="float32"):
 class RowSparseOptimizer:
     """Applies a Keras optimizer's update to the touched rows of a head.
 
-    Owns no Keras state itself: its variables (the optimizer slots stacked
-    per parameter, `(C, num_slots, d)` and `(C, num_slots)`, a step counter,
-    a learning-rate mirror and a `(C,)` scratch of group leaders) are
-    weights of `owner` (the `Distiller`, or the head when it has its own
-    optimizer), so they are saved, restored and, on JAX, threaded through
-    the compiled step with the rest of the model's state.
+    Holds no variables itself: the head owns all of its row-sparse state
+    (the optimizer slots stacked per parameter, `(C, num_slots, d)` and
+    `(C, num_slots)`, a step counter, a learning-rate mirror and a `(C,)`
+    scratch of group leaders), created by `head.row_sparse_slot`, so it is
+    saved, restored and, on JAX, threaded through the compiled step with
+    the head's other non-trainable weights, the way `BatchNormalization`
+    keeps its statistics. Only those variables and the head's kernel and
+    bias are written.
+
+    The learning rate is the optimizer's at every step: a schedule is
+    evaluated at the head's step counter; a float learning rate is read
+    from the optimizer's variable in the step on TensorFlow and PyTorch,
+    and from the head's mirror on JAX (whose compiled step sees only model
+    state), which `keras_dis.Distiller.fit` refreshes before every batch.
 
     Args:
-        optimizer: a `keras.optimizers.SGD`, `Adam` or `RMSprop`; its
-            hyperparameters and learning rate (or schedule) are used.
+        optimizer: a `keras.optimizers.SGD`, `Adam` or `RMSprop` (or a
+            `LossScaleOptimizer` around one); its hyperparameters and
+            learning rate (or schedule) are used.
         head: the `SampledDistillationHead` whose kernel and bias to update.
-        owner: the layer that owns the slot variables; it provides
-            `row_sparse_slot(name, shape, dtype)`.
         remedy: passed to `check_optimizer`.
     """
 
-    def __init__(self, optimizer, head, owner, remedy=DISTILLER_REMEDY):
+    def __init__(self, optimizer, head, remedy=DISTILLER_REMEDY):
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             # The head's update uses the unscaled, closed-form gradient.
             optimizer = optimizer.inner_optimizer
@@ -213,7 +220,7 @@ class RowSparseOptimizer:
         # The slots of a parameter are stacked, `(C, num_slots, ...)`, so a
         # step reads and writes all of a row's state at once.
         self.slots = [
-            owner.row_sparse_slot(
+            head.row_sparse_slot(
                 f"{parameter.name}_{'_'.join(self.slot_names)}",
                 (parameter.shape[0], len(self.slot_names))
                 + tuple(parameter.shape[1:]),
@@ -222,21 +229,18 @@ class RowSparseOptimizer:
             else None
             for parameter in self.parameters
         ]
-        self.step = owner.row_sparse_slot("row_sparse_step", ())
-        self.group_leaders = owner.row_sparse_slot(
+        self.step = head.row_sparse_slot("row_sparse_step", ())
+        self.group_leaders = head.row_sparse_slot(
             "row_sparse_group_leaders", (head.num_classes,), dtype="int32"
         )
-        # A mirror of a float learning rate: on JAX the optimizer's own
-        # variables are not part of the state the loss can read.
-        self.learning_rate_value = owner.row_sparse_slot(
+        self.learning_rate_value = head.row_sparse_slot(
             "row_sparse_learning_rate", ()
         )
         self.sync_learning_rate()
 
     def sync_learning_rate(self):
         """Copies a float learning rate of the optimizer into the mirror
-        (`Distiller.fit` does it at each epoch, after callbacks such as
-        `ReduceLROnPlateau` may have changed it)."""
+        that the JAX step reads."""
         if not self._has_schedule():
             self.learning_rate_value.assign(float(self.optimizer.learning_rate))
 
@@ -256,9 +260,11 @@ class RowSparseOptimizer:
     def learning_rate(self, step):
         if self._has_schedule():
             return ops.cast(self.optimizer._learning_rate(step - 1), "float32")
+        if backend.READS_OPTIMIZER_VARIABLES_IN_STEP:
+            return ops.cast(self.optimizer.learning_rate, "float32")
         return self.learning_rate_value.value
 
-    def apply(self, classes, logit_gradients, features, rows):
+    def apply(self, classes, logit_gradients, features, rows, valid=True):
         """Updates the rows of `classes` given the loss's logit gradients.
 
         Args:
@@ -269,6 +275,12 @@ class RowSparseOptimizer:
             features: float tensor `(batch, d)`, the head's input.
             rows: the `(kernel_rows, bias_rows)` the logits were computed
                 from (`head.gather_rows(classes)`), reused here.
+            valid: bool scalar tensor, whether the step may update at all
+                (its inputs passed their checks). The update is also
+                skipped when the features or gradients are not finite (an
+                overflow under mixed precision, which makes the
+                `LossScaleOptimizer` skip the step too): the rows, their
+                state and the step counter are then left as they were.
 
         Does nothing while the head is frozen (`head.trainable = False`;
         as for any Keras layer, recompile the train function after changing
@@ -276,13 +288,16 @@ class RowSparseOptimizer:
         """
         if not self.head.trainable:
             return
+        features = ops.cast(ops.stop_gradient(features), "float32")
+        logit_gradients = ops.stop_gradient(logit_gradients)
+        valid = ops.logical_and(
+            ops.logical_and(valid, ops.all(ops.isfinite(features))),
+            ops.all(ops.isfinite(logit_gradients)),
+        )
         classes = ops.reshape(ops.cast(classes, "int32"), (-1,))
         leaders = group_leaders(classes, self.group_leaders)
-        logit_gradients = ops.stop_gradient(logit_gradients)
         # d loss / d kernel[c] = sum over entries of class c of g * features.
-        kernel_gradients = logit_gradients[:, :, None] * ops.cast(
-            ops.stop_gradient(features), "float32"
-        )[:, None, :]
+        kernel_gradients = logit_gradients[:, :, None] * features[:, None, :]
         gradients = [
             sum_groups(
                 ops.reshape(kernel_gradients, (-1, features.shape[-1])), leaders
@@ -292,9 +307,9 @@ class RowSparseOptimizer:
             gradients.append(
                 sum_groups(ops.reshape(logit_gradients, (-1,)), leaders)
             )
-        step = self.step.value + 1.0
+        step = self.step.value + ops.cast(valid, "float32")
         self.step.assign(step)
-        learning_rate = self.learning_rate(step)
+        learning_rate = self.learning_rate(ops.maximum(step, 1.0))
         for parameter, slots, gradient, parameter_rows in zip(
             self.parameters, self.slots, gradients, rows
         ):
@@ -315,10 +330,13 @@ class RowSparseOptimizer:
                 step,
                 learning_rate,
             )
-            backend.scatter_rows(parameter, classes, new_rows)
+            backend.scatter_rows(
+                parameter, classes, ops.where(valid, new_rows, parameter_rows)
+            )
             if slots is not None:
+                new_slot_rows = ops.stack(
+                    [new_slots[name] for name in self.slot_names], axis=1
+                )
                 backend.scatter_rows(
-                    slots,
-                    classes,
-                    ops.stack([new_slots[name] for name in self.slot_names], axis=1),
+                    slots, classes, ops.where(valid, new_slot_rows, slot_rows)
                 )

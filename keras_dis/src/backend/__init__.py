@@ -2,12 +2,15 @@
 
 Keras gives no portable in-place row update of a variable: `ops.scatter_update`
 returns a new tensor, which on TensorFlow copies the whole `C x d` kernel.
-Each backend module implements `scatter_rows(variable, indices, rows)`.
+Each backend module implements `scatter_rows(variable, indices, rows)` and
+`raise_input_error(error_code, error_value, num_classes)` (raise the
+`ValueError` of a failed input check from inside a compiled step).
 A backend module may also implement `take_rows(values, indices)`,
 `uniform(shape, seed_generator)` and `randint(shape, maxval, seed_generator)`
 where Keras's own op is slow on it; otherwise those are Keras's. It may set
 `PAIRWISE_RANK_MAX_SIZE`, the largest set whose ranks are cheaper from
-pairwise comparisons than from a sort (0: always sort).
+pairwise comparisons than from a sort (0: always sort),
+`READS_OPTIMIZER_VARIABLES_IN_STEP` and `MAY_DEFER_INPUT_ERRORS`.
 """
 
 import keras
@@ -15,6 +18,12 @@ from keras import ops
 
 
 PAIRWISE_RANK_MAX_SIZE = 0
+# Whether a compiled training step reads the optimizer's variables (its
+# learning rate) live. JAX's compiled step sees only the state passed in.
+READS_OPTIMIZER_VARIABLES_IN_STEP = True
+# Whether a step may record an input error that it could not raise (an
+# XLA-compiled TensorFlow step), for the host to raise after the batch.
+MAY_DEFER_INPUT_ERRORS = False
 
 
 def take_rows(values, indices):
@@ -22,6 +31,13 @@ def take_rows(values, indices):
     return ops.take(values, indices, axis=0)
 
 _BACKEND = keras.backend.backend()
+
+
+def after_step_loss():
+    """Whether Keras asks for the model's metrics after the loss of the
+    step being traced (JAX also asks before it, outside a stateless scope).
+    """
+    return True
 
 
 def uniform(shape, seed_generator):
@@ -40,13 +56,23 @@ if _BACKEND == "tensorflow":
     from keras_dis.src.backend.tensorflow import (  # noqa: F811
         PAIRWISE_RANK_MAX_SIZE,
     )
+    from keras_dis.src.backend.tensorflow import (  # noqa: F811
+        MAY_DEFER_INPUT_ERRORS,
+    )
+    from keras_dis.src.backend.tensorflow import raise_input_error
     from keras_dis.src.backend.tensorflow import randint  # noqa: F811
     from keras_dis.src.backend.tensorflow import scatter_rows
     from keras_dis.src.backend.tensorflow import uniform  # noqa: F811
 elif _BACKEND == "jax":
+    from keras_dis.src.backend.jax import (  # noqa: F811
+        READS_OPTIMIZER_VARIABLES_IN_STEP,
+    )
+    from keras_dis.src.backend.jax import after_step_loss  # noqa: F811
+    from keras_dis.src.backend.jax import raise_input_error
     from keras_dis.src.backend.jax import scatter_rows
     from keras_dis.src.backend.jax import take_rows  # noqa: F811
 elif _BACKEND == "torch":
+    from keras_dis.src.backend.torch import raise_input_error
     from keras_dis.src.backend.torch import scatter_rows
 else:
     raise ValueError(
@@ -55,7 +81,11 @@ else:
     )
 
 __all__ = [
+    "after_step_loss",
+    "MAY_DEFER_INPUT_ERRORS",
     "PAIRWISE_RANK_MAX_SIZE",
+    "READS_OPTIMIZER_VARIABLES_IN_STEP",
+    "raise_input_error",
     "randint",
     "scatter_rows",
     "take_rows",

@@ -2,8 +2,21 @@
 training state (Keras's JAX trainer donates it), and row gathers without
 out-of-range filling."""
 
+import jax
 import jax.numpy as jnp
 import keras
+
+from keras_dis.src.backend.common import raise_if_error as _raise_if_error
+
+# Keras's JAX trainer passes the optimizer's variables to the optimizer
+# only; inside the loss their values are frozen at trace time.
+READS_OPTIMIZER_VARIABLES_IN_STEP = False
+
+
+def after_step_loss():
+    """Keras's JAX trainer collects metrics before the loss (outside any
+    stateless scope) and after it, in `compute_metrics`, inside one."""
+    return keras.src.backend.in_stateless_scope()
 
 
 def scatter_rows(variable, indices, rows):
@@ -26,3 +39,12 @@ def take_rows(values, indices):
     """
     values = keras.ops.convert_to_tensor(values)  # a keras.Variable's value
     return jnp.take(values, indices, axis=0, mode="clip")
+
+
+def raise_input_error(error_code, error_value, num_classes):
+    """Raises the input error of a step from inside the compiled step.
+
+    A host callback: the `ValueError` reaches the caller of the step
+    (wrapped in JAX's runtime error, with the message kept).
+    """
+    jax.debug.callback(_raise_if_error, error_code, error_value, num_classes)

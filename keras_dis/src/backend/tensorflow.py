@@ -1,11 +1,17 @@
 """TensorFlow: in-place row scatters and Philox random numbers."""
 
 import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops
+from tensorflow.python.ops import control_flow_util
+
+from keras_dis.src.backend.common import raise_if_error
 
 # Ranks within a set of `R` ids, `(256, R)`, under XLA on CPU: pairwise
 # comparisons 0.6 ms against 1.8 ms for a sort at `R = 100`, 2.8 against
 # 4.0 ms at 200, even at 400 (JAX's sort is faster than both).
 PAIRWISE_RANK_MAX_SIZE = 256
+# An XLA-compiled step cannot raise: it records the error in the head.
+MAY_DEFER_INPUT_ERRORS = True
 
 
 def scatter_rows(variable, indices, rows):
@@ -48,4 +54,26 @@ def randint(shape, maxval, seed_generator):
         maxval=maxval,
         dtype=tf.int32,
         alg="philox",
+    )
+
+
+def raise_input_error(error_code, error_value, num_classes):
+    """Raises the input error of a step from inside a `tf.function`.
+
+    A `tf.py_function` raises the `ValueError` (as TensorFlow's
+    `InvalidArgumentError`, message kept). XLA compiles no Python, so in an
+    XLA-compiled step nothing is raised here: the step still trains on
+    nothing and records the error in the head (`input_error_code`), which
+    `keras_dis.Distiller` raises after the batch.
+    """
+    graph = tf_ops.get_default_graph()
+    if control_flow_util.GraphOrParentsInXlaContext(graph):
+        return
+    if tf.executing_eagerly():
+        raise_if_error(error_code, error_value, num_classes)
+        return
+    tf.py_function(
+        lambda code, value: raise_if_error(code, value, num_classes),
+        [error_code, error_value],
+        [],
     )

@@ -2,6 +2,8 @@
 
 import torch
 
+from keras_dis.src.backend.common import raise_if_error
+
 
 def scatter_rows(variable, indices, rows):
     """Writes `rows` into `variable[indices]` in place, outside autograd.
@@ -14,3 +16,8 @@ def scatter_rows(variable, indices, rows):
     with torch.no_grad():
         value = variable.value
         value.index_copy_(0, indices.long(), rows.to(value.dtype))
+
+
+def raise_input_error(error_code, error_value, num_classes):
+    """Raises the input error of a step (PyTorch runs eagerly)."""
+    raise_if_error(error_code, error_value, num_classes)

@@ -1,0 +1,166 @@
+"""Checks of teacher targets inside a training step, as `keras.ops`.
+
+NumPy inputs are checked on the host before training
+(`keras_dis.pack_teacher_targets`, `keras_dis.Distiller.fit`); data that
+arrives batch by batch (`tf.data`, generators, `keras.utils.PyDataset`,
+`keras_dis.TeacherCacheDataset`) or comes from an online teacher is only
+seen inside the compiled step. `check_teacher_targets` looks at a batch
+there, in `O(batch * R)`: it returns the first problem found as an error
+code and the offending value, and the targets made safe to compute with,
+so that a bad batch produces no NaN anywhere: the step then trains on
+nothing (its loss is NaN, its gradients are zero and the head's rows are
+left alone) and the error is raised with `error_message` (see
+`keras_dis.src.backend.raise_input_error`).
+"""
+
+from keras import ops
+
+from keras_dis.src import teacher_targets as targets_module
+
+# Error codes, in the order they are looked for; 0 means no error.
+OK = 0
+LABEL_OUT_OF_RANGE = 1
+CLASS_ID_OUT_OF_RANGE = 2
+NON_FINITE_TEACHER_LOGIT = 3
+ONE_HOT_TARGETS = 4
+ERROR_CODES = (
+    LABEL_OUT_OF_RANGE,
+    CLASS_ID_OUT_OF_RANGE,
+    NON_FINITE_TEACHER_LOGIT,
+    ONE_HOT_TARGETS,
+)
+
+
+def error_message(code, value, num_classes):
+    """The message of an input error found by `check_teacher_targets`.
+
+    Args:
+        code: int, one of `ERROR_CODES`.
+        value: float, the offending value.
+        num_classes: int, `C`.
+
+    Returns:
+        A string naming the argument, the bad value and what to do.
+
+    Example:
+
+    >>> error_message(LABEL_OUT_OF_RANGE, 12.0, 10)[:47]
+    '`y` holds a label that is not a class id in [0,'
+    """
+    value = float(value)
+    shown = int(value) if value.is_integer() else value
+    if code == LABEL_OUT_OF_RANGE:
+        return (
+            f"`y` holds a label that is not a class id in [0, {num_classes}) "
+            f"(an integer). Received: label={shown}. Check the labels of the "
+            "data set (and that the model has as many classes as the data)."
+        )
+    if code == CLASS_ID_OUT_OF_RANGE:
+        return (
+            "`y` (packed teacher targets) holds a teacher class id that is "
+            f"not an integer in [0, {num_classes}). Received: class id="
+            f"{shown}. The targets were packed for another number of classes "
+            "or are corrupt: repack them with `keras_dis.pack_teacher_targets`"
+            " or rebuild the `keras_dis.TeacherCache`."
+        )
+    if code == NON_FINITE_TEACHER_LOGIT:
+        return (
+            "The teacher logits must be finite. Received: teacher logit="
+            f"{shown} in `y` (packed teacher targets, or the output of the "
+            "online teacher). Check the teacher (or the cache it filled)."
+        )
+    if code == ONE_HOT_TARGETS:
+        return (
+            f"`y` looks like one-hot labels of shape (batch, {num_classes}), "
+            "not packed teacher targets (batch, 2 + 2R). Pass integer labels "
+            "of shape (batch,) with a teacher, or targets from "
+            "`keras_dis.pack_teacher_targets`."
+        )
+    raise ValueError(f"Unknown input error code: {code}")
+
+
+def _first(bad, values):
+    """Whether any entry is bad, and the value of one bad entry."""
+    bad = ops.reshape(bad, (-1,))
+    values = ops.reshape(ops.cast(values, "float32"), (-1,))
+    position = ops.argmax(ops.cast(bad, "int32"))
+    return ops.any(bad), ops.take(values, position)
+
+
+def _not_a_class_id(values, num_classes):
+    return ops.logical_or(
+        ops.logical_or(values < 0, values >= num_classes),
+        ops.logical_or(ops.floor(values) != values, ops.isnan(values)),
+    )
+
+
+def check_teacher_targets(packed_targets, num_classes):
+    """Looks for bad values in a batch of packed teacher targets.
+
+    Args:
+        packed_targets: float tensor `(batch, 2 + 2R)`, see
+            `keras_dis.pack_teacher_targets`.
+        num_classes: int, `C`, the number of classes of the student.
+
+    Returns:
+        A tuple `(error_code, error_value, safe_targets)`: an int32 scalar
+        (`OK` or one of `ERROR_CODES`, the first found), a float32 scalar
+        (the offending value) and the tuple `(labels, tail_logits,
+        top_classes, top_logits)` of `unpack_teacher_targets`, with class
+        ids clipped into range and non-finite logits replaced by 0.
+
+    Example:
+
+    >>> targets = np.array([[1.0, 0.0, 1.0, 0.0, 2.0, 0.5]], "float32")
+    >>> code, value, _ = check_teacher_targets(targets, num_classes=3)
+    >>> int(code), float(value)
+    (0, 0.0)
+    >>> code, value, _ = check_teacher_targets(targets, num_classes=2)
+    >>> int(code), float(value)
+    (1, 1.0)
+    """
+    packed_targets = ops.cast(packed_targets, "float32")
+    top_r = targets_module.top_r_of(packed_targets)
+    header = targets_module.HEADER_COLUMNS
+    labels = packed_targets[:, targets_module.LABEL_COLUMN]
+    tail_logits = packed_targets[:, targets_module.TAIL_LOGIT_COLUMN]
+    top_classes = packed_targets[:, header : header + top_r]
+    top_logits = packed_targets[:, header + top_r :]
+    logits = ops.concatenate([tail_logits[:, None], top_logits], axis=-1)
+    checks = [
+        _first(_not_a_class_id(labels, num_classes), labels),
+        _first(_not_a_class_id(top_classes, num_classes), top_classes),
+        _first(ops.logical_not(ops.isfinite(logits)), logits),
+    ]
+    if packed_targets.shape[-1] == num_classes:
+        # One-hot rows (0/1, summing to 1) have the width of C classes.
+        binary = ops.all(
+            ops.logical_or(packed_targets == 0, packed_targets == 1), axis=-1
+        )
+        one_hot = ops.logical_and(binary, ops.sum(packed_targets, axis=-1) == 1)
+        checks.append(_first(one_hot, ops.ones_like(labels)))
+    error_code = ops.convert_to_tensor(OK, "int32")
+    error_value = ops.convert_to_tensor(0.0, "float32")
+    for code, (found, value) in reversed(list(zip(ERROR_CODES, checks))):
+        error_code = ops.where(found, code, error_code)
+        error_value = ops.where(found, value, error_value)
+    safe_targets = (
+        ops.cast(ops.clip(ops.nan_to_num(labels), 0, num_classes - 1), "int32"),
+        _finite_or_zero(tail_logits),
+        ops.cast(
+            ops.clip(ops.nan_to_num(top_classes), 0, num_classes - 1), "int32"
+        ),
+        _finite_or_zero(top_logits),
+    )
+    return ops.cast(error_code, "int32"), error_value, safe_targets
+
+
+def _finite_or_zero(values):
+    return ops.where(ops.isfinite(values), values, ops.zeros_like(values))
+
+
+def keep_if_valid(error_code, values):
+    """`values` where the batch passed its checks, else NaN (no gradient)."""
+    nan = ops.stop_gradient(ops.full_like(values, float("nan")))
+    return ops.where(error_code == OK, values, nan)
+
