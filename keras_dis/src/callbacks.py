@@ -142,6 +142,13 @@ class ProposalScheduler(keras.callbacks.Callback):
 
         Returns:
             A float.
+
+        Example:
+
+        >>> head = keras_dis.SampledDistillationHead(num_classes=100)
+        >>> scheduler = ProposalScheduler(epochs=5)
+        >>> [scheduler.right_scale_at(epoch, 5, head) for epoch in range(6)]
+        [5.0, 28.75, 52.5, 76.25, 100.0, 100.0]
         """
         start, end = self.scale_range(head)
         progress = min(epoch / max(epochs - 1, 1), 1.0)
