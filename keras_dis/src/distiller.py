@@ -191,12 +191,49 @@ class Distiller(keras.Model):
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
+    def load_weights(self, filepath, *args, **kwargs):
+        """As `keras.Model.load_weights`. Weights saved after `compile`
+        include the head's row-sparse optimizer state, which `compile`
+        creates: compile with the same optimizer before loading them."""
+        try:
+            return super().load_weights(filepath, *args, **kwargs)
+        except ValueError as error:
+            if self.compiled:
+                raise
+            raise ValueError(
+                f"Could not load the weights in {filepath!r} into an "
+                "uncompiled Distiller. Weights saved after `compile` hold "
+                "the optimizer state of the head's row-sparse updates, which "
+                "`compile` creates: call `distiller.compile(optimizer=..., "
+                "loss=...)` with the optimizer of the saved run first. "
+                f"({error})"
+            ) from error
+
+    def load_own_variables(self, store):
+        # keras_dis 0.1 kept the row-sparse optimizer state here; it is the
+        # head's now. Such a file still loads, with that state reset.
+        if len(store.keys()) and not (
+            self._trainable_variables + self._non_trainable_variables
+        ):
+            warnings.warn(
+                f"Ignoring {len(store.keys())} saved variables of the "
+                "Distiller itself (row-sparse optimizer state saved by "
+                "keras_dis 0.1); the head's optimizer state starts afresh."
+            )
+            return
+        super().load_own_variables(store)
+
     def call(self, inputs, training=None):
         return self.student(inputs, training=training)
 
     def teacher_targets(self, x, y):
         """Packed teacher targets for a batch: `y` itself if already packed,
         else the online teacher's ranking packed with the labels `y`."""
+        if y is None:
+            raise ValueError(
+                "The Distiller needs `y`: labels (batch,) with a teacher, or "
+                "packed teacher targets (batch, 2 + 2R). Received: y=None"
+            )
         if len(y.shape) == 2 and y.shape[-1] != 1:
             return y
         if self.teacher is None:
@@ -324,15 +361,6 @@ class _HeadStepCallback(keras.callbacks.Callback):
         self._raise_input_error()
 
     def _raise_input_error(self):
-        if not backend.MAY_DEFER_INPUT_ERRORS:
-            return
-        code = int(keras.ops.convert_to_numpy(self.head.input_error_code))
-        if code != input_checks.OK:
-            self.head.input_error_code.assign(input_checks.OK)
-            raise ValueError(
-                input_checks.error_message(
-                    code,
-                    keras.ops.convert_to_numpy(self.head.input_error_value),
-                    self.head.num_classes,
-                )
-            )
+        if backend.MAY_DEFER_INPUT_ERRORS:
+            backend.sync_training_state(self.model)
+            self.head.raise_recorded_input_error()

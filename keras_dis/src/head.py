@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from keras_dis.src import backend
+from keras_dis.src import input_checks
 from keras_dis.src import proposals as proposals_module
 from keras_dis.src import row_sparse_optimizers
 from keras_dis.src import sampled_step
@@ -127,9 +128,9 @@ class SampledDistillationHead(keras.layers.Layer):
 
     >>> head = SampledDistillationHead(num_classes=10)
     >>> features = np.ones((2, 4), "float32")
-    >>> head(features).shape
+    >>> tuple(head(features).shape)
     (2, 10)
-    >>> head.sampled_logits(features, np.array([[3, 1], [0, 9]])).shape
+    >>> tuple(head.sampled_logits(features, np.array([[3, 1], [0, 9]])).shape)
     (2, 2)
 
     Row-sparse training of a plain model on packed teacher targets:
@@ -309,9 +310,41 @@ class SampledDistillationHead(keras.layers.Layer):
         return self._row_sparse_slots[name]
 
     def record_input_error(self, error_code, error_value):
-        """Keeps the result of a step's input checks (0: none)."""
-        self.input_error_code.assign(ops.cast(error_code, "int32"))
-        self.input_error_value.assign(ops.cast(error_value, "float32"))
+        """Keeps the first input error of the steps since it was last raised
+        (`raise_recorded_input_error`); 0 means none."""
+        recorded = self.input_error_code.value
+        keep = recorded != input_checks.OK
+        self.input_error_code.assign(
+            ops.where(keep, recorded, ops.cast(error_code, "int32"))
+        )
+        self.input_error_value.assign(
+            ops.where(
+                keep,
+                self.input_error_value.value,
+                ops.cast(error_value, "float32"),
+            )
+        )
+
+    def raise_recorded_input_error(self):
+        """Raises the `ValueError` of a recorded input error, once.
+
+        Steps that cannot raise (JAX, XLA-compiled TensorFlow) record the
+        error; the `Distiller` calls this after every batch, and Keras's
+        collection of the model's metrics at the end of an epoch calls it
+        on the plain path. Does nothing while the value cannot be read.
+        """
+        if not self.built or not backend.can_read_variables(
+            self.input_error_code
+        ):
+            return
+        code = int(ops.convert_to_numpy(self.input_error_code))
+        if code != input_checks.OK:
+            value = ops.convert_to_numpy(self.input_error_value)
+            self.input_error_code.assign(input_checks.OK)
+            self.input_error_value.assign(0.0)
+            raise ValueError(
+                input_checks.error_message(code, value, self.num_classes)
+            )
 
     def claim_training_output(self, y_pred):
         """Whether `y_pred` is this head's training output; if so, it is
@@ -326,7 +359,14 @@ class SampledDistillationHead(keras.layers.Layer):
         # Keras collects every layer's metrics after the loss of a train or
         # test step (and before fit and evaluate): the training output of
         # the head must have reached a `DISLoss` by then.
-        if self._training_output_pending and backend.after_step_loss():
+        if backend.after_step_loss():
+            self._raise_if_output_unused()
+        if backend.MAY_DEFER_INPUT_ERRORS:
+            self.raise_recorded_input_error()
+        return super().metrics
+
+    def _raise_if_output_unused(self):
+        if self._training_output_pending:
             self._training_output_pending = False
             raise ValueError(
                 f"The training output of SampledDistillationHead "
@@ -340,7 +380,6 @@ class SampledDistillationHead(keras.layers.Layer):
                 "keras_dis.Distiller), and call it with `training=False` to "
                 "get logits outside `fit`."
             )
-        return super().metrics
 
     def set_right_scale(self, right_scale):
         """Sets the second Laplace scale and recomputes `rank_proposal`.
@@ -399,8 +438,9 @@ class SampledDistillationHead(keras.layers.Layer):
         return logits
 
     def call(self, inputs, training=None):
+        self._raise_if_output_unused()
         if not training:
-            return self.full_logits(inputs)
+            return sampled_step.mark_logits(self, self.full_logits(inputs))
         consumers = [node.operation.name for node in self._outbound_nodes]
         if consumers:
             raise ValueError(

@@ -115,9 +115,10 @@ def check_teacher_targets(packed_targets, num_classes):
     >>> code, value, _ = check_teacher_targets(targets, num_classes=3)
     >>> int(code), float(value)
     (0, 0.0)
-    >>> code, value, _ = check_teacher_targets(targets, num_classes=2)
+    >>> targets[0, 0] = 3.0  # a label outside [0, 3)
+    >>> code, value, _ = check_teacher_targets(targets, num_classes=3)
     >>> int(code), float(value)
-    (1, 1.0)
+    (1, 3.0)
     """
     packed_targets = ops.cast(packed_targets, "float32")
     top_r = targets_module.top_r_of(packed_targets)

@@ -135,8 +135,18 @@ class DISLoss(keras.losses.Loss):
             )
 
     def __call__(self, y_true, y_pred, sample_weight=None):
+        check_packed_targets_shape(y_true)
         head = sampled_step.training_head(y_pred)
         if head is None:
+            logits_head = sampled_step.logits_head(y_pred)
+            if logits_head is not None and y_pred.shape[-1] is not None:
+                # Full logits of a head: input errors that the step cannot
+                # raise are recorded in the head (see `input_checks`).
+                logits_head.record_input_error(
+                    *sampled_step.validated_teacher_targets(
+                        y_true, y_pred.shape[-1]
+                    )[:2]
+                )
             return super().__call__(y_true, y_pred, sample_weight=sample_weight)
         # The training output of a SampledDistillationHead: its features.
         head.claim_training_output(y_pred)
@@ -233,6 +243,22 @@ class DISLoss(keras.losses.Loss):
             }
         )
         return config
+
+
+def check_packed_targets_shape(y_true):
+    """Raises a `ValueError` unless `y_true` has the shape of packed teacher
+    targets, `(batch, 2 + 2R)`."""
+    shape = None if y_true is None else tuple(y_true.shape)
+    if shape is not None and len(shape) == 2 and shape[-1] != 1:
+        targets_module.top_r_of(y_true)
+        return
+    raise ValueError(
+        "keras_dis.DISLoss needs `y`: packed teacher targets of shape "
+        "(batch, 2 + 2R) from `keras_dis.pack_teacher_targets` or a "
+        "`keras_dis.TeacherCache`. Integer labels need the teacher: train "
+        "with `keras_dis.Distiller(teacher, student)`. Received: y "
+        f"{'None' if shape is None else f'with shape {shape}'}"
+    )
 
 
 def get(method, k=10, **kwargs):

@@ -35,6 +35,7 @@ from keras_dis.src import input_checks
 from keras_dis.src import sampled_softmax
 
 _HEAD_ATTRIBUTE = "_keras_dis_head"
+_LOGITS_HEAD_ATTRIBUTE = "_keras_dis_logits_head"
 SAMPLED_PROPOSALS = ("dis", "ftis", "uniform")
 
 
@@ -48,6 +49,18 @@ def mark_training_output(head, features):
 def training_head(y_pred):
     """The head whose training output `y_pred` is, or None."""
     return tensor_attributes.get_tensor_attr(y_pred, _HEAD_ATTRIBUTE)
+
+
+def mark_logits(head, logits):
+    """The head's inference output, tagged: input errors found by the loss
+    of these logits are recorded in the head (for the host to raise)."""
+    tensor_attributes.set_tensor_attr(logits, _LOGITS_HEAD_ATTRIBUTE, head)
+    return logits
+
+
+def logits_head(y_pred):
+    """The head whose full logits `y_pred` are, or None."""
+    return tensor_attributes.get_tensor_attr(y_pred, _LOGITS_HEAD_ATTRIBUTE)
 
 
 def validated_teacher_targets(packed_targets, num_classes):

@@ -8,7 +8,7 @@ from keras.src import testing
 
 from keras_dis.src import proposals
 from keras_dis.src.head import SampledDistillationHead
-from keras_dis.src.head import pop_training_head
+from keras_dis.src import sampled_step
 
 
 class SampledDistillationHeadLayerTest(testing.TestCase):
@@ -23,7 +23,7 @@ class SampledDistillationHeadLayerTest(testing.TestCase):
             input_shape=(2, 3),
             expected_output_shape=(2, 5),
             expected_num_trainable_weights=2,
-            expected_num_non_trainable_weights=2,
+            expected_num_non_trainable_weights=4,
             expected_num_seed_generators=1,
             supports_masking=False,
             run_training_check=False,
@@ -36,7 +36,7 @@ class SampledDistillationHeadLayerTest(testing.TestCase):
             input_shape=(3, 6),
             expected_output_shape=(3, 4),
             expected_num_trainable_weights=1,
-            expected_num_non_trainable_weights=2,
+            expected_num_non_trainable_weights=4,
             supports_masking=False,
             run_training_check=False,
         )
@@ -72,16 +72,31 @@ def test_sampled_logits_equal_gathered_full_logits():
     )
 
 
-def test_training_call_passes_features_and_marks_the_head():
-    head = build_head()
+def test_training_call_passes_features_tagged_with_the_head():
+    head, other = build_head(), build_head()
     features = np.ones((2, 4), "float32")
     output = head(features, training=True)
     np.testing.assert_array_equal(ops.convert_to_numpy(output), features)
-    assert pop_training_head() is head
-    assert pop_training_head() is None  # taken once per step
+    assert sampled_step.training_head(output) is head
+    assert not other.claim_training_output(output)
+    assert head.claim_training_output(output)
+    # The tag belongs to that tensor only: nothing else carries a head.
+    assert sampled_step.training_head(head(features)) is None
+    other_output = other(features, training=True)
+    assert sampled_step.training_head(other_output) is other
+    assert sampled_step.training_head(features) is None
+
+
+def test_an_unused_training_output_raises_at_the_next_call():
+    """Features returned in training and used by no DISLoss (code outside
+    `fit` taking them for logits) raise, saying what to do."""
+    head = build_head()
+    features = np.ones((2, 4), "float32")
     head(features, training=True)
-    head(features)  # an inference call clears the mark
-    assert pop_training_head() is None
+    with pytest.raises(ValueError, match="not used by a keras_dis.DISLoss"):
+        head(features)
+    # Raised once: the head works again.
+    assert head(features).shape == (2, 7)
 
 
 def test_initial_rank_proposal_and_set_right_scale():

@@ -115,8 +115,8 @@ def test_training_loss_uses_sampled_classes_only():
     targets = keras_dis.pack_teacher_targets(labels, teacher_logits, top_r=8)
     values = []
     for _ in range(2):
-        head(features, training=True)
-        values.append(float(losses.DISLoss(k=3, proposal="uniform")(targets, features)))
+        output = head(features, training=True)
+        values.append(float(losses.DISLoss(k=3, proposal="uniform")(targets, output)))
     # Two draws of 3 classes give two different estimates of the loss.
     assert values[0] != values[1]
     assert all(np.isfinite(values))
@@ -132,8 +132,8 @@ def test_pdbs_training_loss_matches_numpy_selection():
     _, labels, teacher_logits = synthetic_problem(num_examples=8)
     targets = keras_dis.pack_teacher_targets(labels, teacher_logits)
     student_logits = ops.convert_to_numpy(head(features))
-    head(features, training=True)
-    loss = float(losses.DISLoss(k=5, proposal="pdbs")(targets, features))
+    output = head(features, training=True)
+    loss = float(losses.DISLoss(k=5, proposal="pdbs")(targets, output))
     p = np.exp(teacher_logits - teacher_logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     q = np.exp(student_logits - student_logits.max(-1, keepdims=True))
@@ -148,14 +148,29 @@ def test_pdbs_training_loss_matches_numpy_selection():
     np.testing.assert_allclose(loss, expected, rtol=1e-4)
 
 
-def test_features_of_the_wrong_size_in_training():
+def test_a_training_call_does_not_leak_into_another_loss():
+    """The loss takes only the head whose output is its `y_pred`: after a
+    training call of the student, other logits get the exact full loss."""
     head = SampledDistillationHead(NUM_CLASSES)
     features = np.zeros((4, 6), "float32")
     _, labels, teacher_logits = synthetic_problem(num_examples=4)
     targets = keras_dis.pack_teacher_targets(labels, teacher_logits)
+    other_logits = np.random.default_rng(2).normal(size=(4, NUM_CLASSES))
+    other_logits = other_logits.astype("float32")
+    expected = float(losses.DISLoss(k=3)(targets, other_logits))
     head(features, training=True)
-    with pytest.raises(ValueError, match="y_pred"):
-        losses.DISLoss(k=3)(targets, np.zeros((4, 5), "float32"))
+    assert float(losses.DISLoss(k=3)(targets, other_logits)) == expected
+    student_probabilities = np.exp(other_logits) / np.exp(other_logits).sum(
+        -1, keepdims=True
+    )
+    teacher_probabilities = np.exp(teacher_logits) / np.exp(
+        teacher_logits
+    ).sum(-1, keepdims=True)
+    np.testing.assert_allclose(
+        expected,
+        -np.mean(np.sum(teacher_probabilities * np.log(student_probabilities), -1)),
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("proposal", ["dis", "pdbs", "uniform"])
@@ -164,9 +179,9 @@ def test_k_must_be_smaller_than_num_classes(proposal):
     targets = keras_dis.pack_teacher_targets(labels, teacher_logits)
     head = SampledDistillationHead(NUM_CLASSES)
     features = np.zeros((4, 6), "float32")
-    head(features, training=True)
+    output = head(features, training=True)
     with pytest.raises(ValueError, match="`k`"):
-        losses.DISLoss(k=NUM_CLASSES, proposal=proposal)(targets, features)
+        losses.DISLoss(k=NUM_CLASSES, proposal=proposal)(targets, output)
 
 
 @pytest.mark.parametrize(

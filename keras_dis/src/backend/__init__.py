@@ -21,8 +21,8 @@ PAIRWISE_RANK_MAX_SIZE = 0
 # Whether a compiled training step reads the optimizer's variables (its
 # learning rate) live. JAX's compiled step sees only the state passed in.
 READS_OPTIMIZER_VARIABLES_IN_STEP = True
-# Whether a step may record an input error that it could not raise (an
-# XLA-compiled TensorFlow step), for the host to raise after the batch.
+# Whether a step may record an input error that it did not raise (an
+# XLA-compiled TensorFlow step, any JAX step), for the host to raise.
 MAY_DEFER_INPUT_ERRORS = False
 
 
@@ -31,6 +31,17 @@ def take_rows(values, indices):
     return ops.take(values, indices, axis=0)
 
 _BACKEND = keras.backend.backend()
+
+
+def can_read_variables(variable):
+    """Whether the host can read `variable`'s value now."""
+    del variable
+    return True
+
+
+def sync_training_state(model):
+    """Makes the model's variables hold the latest training state."""
+    del model
 
 
 def after_step_loss():
@@ -59,6 +70,7 @@ if _BACKEND == "tensorflow":
     from keras_dis.src.backend.tensorflow import (  # noqa: F811
         MAY_DEFER_INPUT_ERRORS,
     )
+    from keras_dis.src.backend.tensorflow import can_read_variables  # noqa: F811
     from keras_dis.src.backend.tensorflow import raise_input_error
     from keras_dis.src.backend.tensorflow import randint  # noqa: F811
     from keras_dis.src.backend.tensorflow import scatter_rows
@@ -67,7 +79,12 @@ elif _BACKEND == "jax":
     from keras_dis.src.backend.jax import (  # noqa: F811
         READS_OPTIMIZER_VARIABLES_IN_STEP,
     )
+    from keras_dis.src.backend.jax import (  # noqa: F811
+        MAY_DEFER_INPUT_ERRORS,
+    )
     from keras_dis.src.backend.jax import after_step_loss  # noqa: F811
+    from keras_dis.src.backend.jax import can_read_variables  # noqa: F811
+    from keras_dis.src.backend.jax import sync_training_state  # noqa: F811
     from keras_dis.src.backend.jax import raise_input_error
     from keras_dis.src.backend.jax import scatter_rows
     from keras_dis.src.backend.jax import take_rows  # noqa: F811
@@ -82,6 +99,8 @@ else:
 
 __all__ = [
     "after_step_loss",
+    "can_read_variables",
+    "sync_training_state",
     "MAY_DEFER_INPUT_ERRORS",
     "PAIRWISE_RANK_MAX_SIZE",
     "READS_OPTIMIZER_VARIABLES_IN_STEP",

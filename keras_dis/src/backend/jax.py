@@ -6,8 +6,6 @@ import jax
 import jax.numpy as jnp
 import keras
 
-from keras_dis.src.backend.common import raise_if_error as _raise_if_error
-
 # Keras's JAX trainer passes the optimizer's variables to the optimizer
 # only; inside the loss their values are frozen at trace time.
 READS_OPTIMIZER_VARIABLES_IN_STEP = False
@@ -41,10 +39,29 @@ def take_rows(values, indices):
     return jnp.take(values, indices, axis=0, mode="clip")
 
 
-def raise_input_error(error_code, error_value, num_classes):
-    """Raises the input error of a step from inside the compiled step.
 
-    A host callback: the `ValueError` reaches the caller of the step
-    (wrapped in JAX's runtime error, with the message kept).
-    """
-    jax.debug.callback(_raise_if_error, error_code, error_value, num_classes)
+# A step that raised would lose the training state (Keras's JAX trainer
+# donates it to the step): the step records the error in the head instead,
+# and the host raises it after the batch with the state back in place.
+MAY_DEFER_INPUT_ERRORS = True
+
+
+def raise_input_error(error_code, error_value, num_classes):
+    """Nothing: on JAX the host raises recorded errors (see above)."""
+    del error_code, error_value, num_classes
+
+
+def can_read_variables(variable):
+    """Whether `variable` holds a concrete value (not purged by Keras's
+    JAX trainer during an epoch, not traced)."""
+    value = variable._value
+    return (
+        value is not None
+        and not isinstance(value, jax.core.Tracer)
+        and not keras.src.backend.in_stateless_scope()
+    )
+
+
+def sync_training_state(model):
+    """Puts the JAX trainer's state of the epoch back into the variables."""
+    model.jax_state_sync()

@@ -77,3 +77,9 @@ def raise_input_error(error_code, error_value, num_classes):
         [error_code, error_value],
         [],
     )
+
+
+def can_read_variables(variable):
+    """Whether `variable` can be read on the host now (not while tracing)."""
+    del variable
+    return tf.executing_eagerly()
