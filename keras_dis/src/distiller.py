@@ -310,7 +310,8 @@ class Distiller(keras.Model):
         # Last, so that it sees the learning rate other callbacks set.
         step_callback = _HeadStepCallback(self.head)
         if isinstance(callbacks, keras.callbacks.CallbackList):
-            callbacks.append(step_callback)
+            step_callback.set_model(self)
+            callbacks.callbacks.append(step_callback)
             return callbacks
         return list(callbacks or []) + [step_callback]
 

@@ -142,10 +142,8 @@ class DISLoss(keras.losses.Loss):
             if logits_head is not None and y_pred.shape[-1] is not None:
                 # Full logits of a head: input errors that the step cannot
                 # raise are recorded in the head (see `input_checks`).
-                logits_head.record_input_error(
-                    *sampled_step.validated_teacher_targets(
-                        y_true, y_pred.shape[-1]
-                    )[:2]
+                sampled_step.validated_teacher_targets(
+                    y_true, y_pred.shape[-1], logits_head
                 )
             return super().__call__(y_true, y_pred, sample_weight=sample_weight)
         # The training output of a SampledDistillationHead: its features.

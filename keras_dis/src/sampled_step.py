@@ -63,16 +63,19 @@ def logits_head(y_pred):
     return tensor_attributes.get_tensor_attr(y_pred, _LOGITS_HEAD_ATTRIBUTE)
 
 
-def validated_teacher_targets(packed_targets, num_classes):
+def validated_teacher_targets(packed_targets, num_classes, head=None):
     """Checks a batch of packed teacher targets inside the step.
 
-    Raises the `ValueError` of the first problem found (from inside the
-    compiled step, see `backend.raise_input_error`) and returns targets
-    that are safe to compute with either way.
+    Raises the `ValueError` of the first problem found from inside the
+    step where the backend can (see `backend.raise_input_error`), else
+    records it in `head` for the host to raise, and returns targets that
+    are safe to compute with either way.
 
     Args:
         packed_targets: float tensor `(batch, 2 + 2R)`.
         num_classes: int, `C`.
+        head: optional `SampledDistillationHead` that records the error
+            when the step cannot raise it.
 
     Returns:
         A tuple `(error_code, error_value, targets)`: the int32 error code
@@ -82,7 +85,9 @@ def validated_teacher_targets(packed_targets, num_classes):
     error_code, error_value, targets = input_checks.check_teacher_targets(
         packed_targets, num_classes
     )
-    backend.raise_input_error(error_code, error_value, num_classes)
+    raised = backend.raise_input_error(error_code, error_value, num_classes)
+    if head is not None and not raised:
+        head.record_input_error(error_code, error_value)
     return error_code, error_value, targets
 
 
@@ -131,10 +136,9 @@ def distillation_losses(head, features, packed_targets, loss, sample_weight=None
             f"{head.kernel.shape[-1]}). Received: y_pred.shape="
             f"{features.shape}. Make the head the model's output."
         )
-    error_code, error_value, targets = validated_teacher_targets(
-        packed_targets, head.num_classes
+    error_code, _, targets = validated_teacher_targets(
+        packed_targets, head.num_classes, head
     )
-    head.record_input_error(error_code, error_value)
     features = ops.cast(features, "float32")
     if loss.proposal_name in SAMPLED_PROPOSALS:
         losses = _sampled_losses(

@@ -2,6 +2,7 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from keras.src import testing
 
 import keras_dis
 from keras_dis.src import losses
@@ -215,3 +216,89 @@ def test_config_round_trip(method):
     assert isinstance(restored, losses.DISLoss)
     assert restored.get_config() == loss.get_config()
     assert restored.proposal_name == loss.proposal_name
+
+
+class DISLossConformanceTest(testing.TestCase):
+    """The checklist Keras applies to its losses: sample weights,
+    reductions, dtype and serialization, on full logits and in training."""
+
+    def setUp(self):
+        super().setUp()
+        rng = np.random.default_rng(5)
+        _, labels, teacher_logits = synthetic_problem(num_examples=6)
+        self.targets = np.array(
+            keras_dis.pack_teacher_targets(labels, teacher_logits, top_r=8)
+        )
+        self.logits = rng.normal(size=(6, NUM_CLASSES)).astype("float32")
+        self.features = rng.normal(size=(6, 4)).astype("float32")
+        self.weights = np.array([1.0, 0.0, 2.0, 0.5, 1.0, 3.0], "float32")
+
+    def per_sample(self, **kwargs):
+        loss = losses.DISLoss(k=5, reduction="none", **kwargs)
+        return ops.convert_to_numpy(loss(self.targets, self.logits))
+
+    def test_reductions_and_sample_weights_on_full_logits(self):
+        values = self.per_sample()
+        self.assertEqual(values.shape, (6,))
+        for reduction, expected in (
+            ("sum", np.sum(values * self.weights)),
+            ("sum_over_batch_size", np.sum(values * self.weights) / 6),
+        ):
+            loss = losses.DISLoss(k=5, reduction=reduction)
+            self.assertAllClose(
+                loss(self.targets, self.logits, sample_weight=self.weights),
+                expected,
+                rtol=1e-5,
+            )
+
+    def sampled(self, reduction, sample_weight=None):
+        head = SampledDistillationHead(NUM_CLASSES, seed=3)
+        head.build((None, 4))
+        head.kernel.assign(np.ones((NUM_CLASSES, 4), "float32") * 0.1)
+        loss = losses.DISLoss(k=5, reduction=reduction)
+        return ops.convert_to_numpy(
+            loss(
+                self.targets,
+                head(self.features, training=True),
+                sample_weight=sample_weight,
+            )
+        )
+
+    def test_reductions_and_sample_weights_in_training(self):
+        # Heads with one seed draw the same classes.
+        values = self.sampled("none")
+        self.assertEqual(values.shape, (6,))
+        self.assertAllClose(
+            self.sampled("sum", self.weights), np.sum(values * self.weights)
+        )
+        self.assertAllClose(
+            self.sampled("sum_over_batch_size", self.weights),
+            np.sum(values * self.weights) / 6,
+        )
+
+    def test_dtype(self):
+        loss = losses.DISLoss(k=5)
+        self.assertEqual(
+            keras.backend.standardize_dtype(
+                loss(self.targets, self.logits).dtype
+            ),
+            "float32",
+        )
+        self.assertEqual(
+            keras.backend.standardize_dtype(
+                losses.DISLoss(k=5, dtype="float16")(
+                    self.targets, self.logits
+                ).dtype
+            ),
+            "float16",
+        )
+        self.assertAllClose(
+            self.per_sample(), self.per_sample(dtype="float32"), rtol=1e-6
+        )
+
+    def test_serialization(self):
+        loss = losses.DISLoss(
+            k=4, proposal="ftis", temperature=2.0, distillation_weight=0.5,
+            reduction="sum", name="kd",
+        )
+        self.run_class_serialization_test(loss)

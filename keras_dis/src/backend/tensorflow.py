@@ -65,18 +65,22 @@ def raise_input_error(error_code, error_value, num_classes):
     XLA-compiled step nothing is raised here: the step still trains on
     nothing and records the error in the head (`input_error_code`), which
     `keras_dis.Distiller` raises after the batch.
+
+    Returns:
+        Whether the step raises the error itself (known when tracing).
     """
     graph = tf_ops.get_default_graph()
     if control_flow_util.GraphOrParentsInXlaContext(graph):
-        return
+        return False
     if tf.executing_eagerly():
         raise_if_error(error_code, error_value, num_classes)
-        return
+        return True
     tf.py_function(
         lambda code, value: raise_if_error(code, value, num_classes),
         [error_code, error_value],
         [],
     )
+    return True
 
 
 def can_read_variables(variable):
