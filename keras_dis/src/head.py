@@ -100,7 +100,10 @@ class SampledDistillationHead(keras.layers.Layer):
     `student.compile(loss=keras_dis.DISLoss(k=10))` an `O(B * k * d)` step
     with no `C x d` gradient or optimizer update; the optimizer state is
     kept in non-trainable weights of the head and saved with it. The loss
-    must then sample (`"dis"`, `"ftis"` or `"uniform"`). Without
+    must then sample (`"dis"`, `"ftis"` or `"uniform"`). This optimizer
+    is the head's own: callbacks that set the model optimizer's learning
+    rate (`LearningRateScheduler`) do not reach it; give it a
+    `keras.optimizers.schedules.LearningRateSchedule` instead. Without
     `optimizer=`, the model's optimizer trains the whole kernel (or a
     `keras_dis.Distiller` does it row by row).
 

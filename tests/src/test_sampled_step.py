@@ -329,16 +329,16 @@ def test_the_distiller_holds_no_state_and_loads_weights_after_compile(tmp_path):
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="TensorFlow's XLA step"
 )
-def test_an_xla_compiled_step_raises_after_the_batch():
-    distiller = keras_dis.Distiller(None, make_student())
-    distiller.compile(
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_an_xla_compiled_step_raises_after_the_batch(path):
+    model, student = PATHS[path]()
+    model.compile(
         optimizer="adam", loss=keras_dis.DISLoss(k=3), jit_compile=True
     )
     x, _, targets = problem()
     targets[0, 0] = 99
     assert_fit_raises(
-        distiller, distiller.student, feed("tf_data", x[:16], targets[:16]),
-        "label=99",
+        model, student, feed("tf_data", x[:16], targets[:16]), "label=99"
     )
 
 
