@@ -362,6 +362,9 @@ class _HeadStepCallback(keras.callbacks.Callback):
         self._raise_input_error()
 
     def _raise_input_error(self):
-        if backend.MAY_DEFER_INPUT_ERRORS:
+        if not backend.MAY_DEFER_INPUT_ERRORS:
+            return
+        code = backend.training_value(self.model, self.head.input_error_code)
+        if int(keras.ops.convert_to_numpy(code)) != input_checks.OK:
             backend.sync_training_state(self.model)
             self.head.raise_recorded_input_error()

@@ -44,6 +44,12 @@ def sync_training_state(model):
     del model
 
 
+def training_value(model, variable):
+    """The value of `variable` in `model`'s training state."""
+    del model
+    return variable.value
+
+
 def after_step_loss():
     """Whether Keras asks for the model's metrics after the loss of the
     step being traced (JAX also asks before it, outside a stateless scope).
@@ -85,6 +91,7 @@ elif _BACKEND == "jax":
     from keras_dis.src.backend.jax import after_step_loss  # noqa: F811
     from keras_dis.src.backend.jax import can_read_variables  # noqa: F811
     from keras_dis.src.backend.jax import sync_training_state  # noqa: F811
+    from keras_dis.src.backend.jax import training_value  # noqa: F811
     from keras_dis.src.backend.jax import raise_input_error
     from keras_dis.src.backend.jax import scatter_rows
     from keras_dis.src.backend.jax import take_rows  # noqa: F811
@@ -101,6 +108,7 @@ __all__ = [
     "after_step_loss",
     "can_read_variables",
     "sync_training_state",
+    "training_value",
     "MAY_DEFER_INPUT_ERRORS",
     "PAIRWISE_RANK_MAX_SIZE",
     "READS_OPTIMIZER_VARIABLES_IN_STEP",

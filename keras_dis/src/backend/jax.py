@@ -70,3 +70,17 @@ def can_read_variables(variable):
 def sync_training_state(model):
     """Puts the JAX trainer's state of the epoch back into the variables."""
     model.jax_state_sync()
+
+
+def training_value(model, variable):
+    """The value of a non-trainable `variable` in the state that the JAX
+    trainer carries from step to step (no copy into the variables, which
+    Keras avoids during an epoch)."""
+    state = getattr(model, "_jax_state", None)
+    if state and not model._jax_state_synced:
+        for reference, value in zip(
+            model.non_trainable_variables, state["non_trainable_variables"]
+        ):
+            if reference is variable:
+                return value
+    return variable.value
