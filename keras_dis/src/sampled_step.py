@@ -33,6 +33,7 @@ from keras.src.backend.common import tensor_attributes
 from keras_dis.src import backend
 from keras_dis.src import input_checks
 from keras_dis.src import sampled_softmax
+from keras_dis.src import teacher_targets as targets_module
 
 _HEAD_ATTRIBUTE = "_keras_dis_head"
 _LOGITS_HEAD_ATTRIBUTE = "_keras_dis_logits_head"
@@ -136,6 +137,15 @@ def distillation_losses(head, features, packed_targets, loss, sample_weight=None
             f"{head.kernel.shape[-1]}). Received: y_pred.shape="
             f"{features.shape}. Make the head the model's output."
         )
+    top_r = targets_module.top_r_of(packed_targets)
+    if top_r > head.num_classes:
+        raise ValueError(
+            f"`y` ranks {top_r} classes but the SampledDistillationHead has "
+            f"num_classes={head.num_classes}: the targets were packed for "
+            f"another number of classes. Received: y.shape="
+            f"{tuple(packed_targets.shape)}"
+        )
+    # 1. Check the batch.
     error_code, _, targets = validated_teacher_targets(
         packed_targets, head.num_classes, head
     )

@@ -352,3 +352,17 @@ def test_checks_pass_a_valid_batch_unchanged():
     np.testing.assert_array_equal(np.array(classes), targets[:, 2:6])
     np.testing.assert_array_equal(np.array(logits), targets[:, 6:])
     np.testing.assert_array_equal(np.array(tail), targets[:, 1])
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_targets_packed_for_more_classes_raise(path):
+    model, _ = PATHS[path]()
+    x = np.zeros((16, 8), "float32")
+    rng = np.random.default_rng(0)
+    targets = np.array(
+        keras_dis.pack_teacher_targets(
+            rng.integers(0, 12, 16), rng.normal(size=(16, 12)).astype("float32")
+        )
+    )
+    with pytest.raises(ValueError, match="ranks 12 classes"):
+        model.fit(x, targets, epochs=1, verbose=0)
