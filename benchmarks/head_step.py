@@ -26,6 +26,24 @@ full KD and writes a CSV.
 
     KERAS_BACKEND=tensorflow python benchmarks/head_step.py \
         --num-classes 1000 10000 100000 1000000 --output results/head_step.csv
+
+The cost of the in-step input checks and of XLA, measured within one
+process: `--input-checks both` and/or `--xla both` build one model per
+variant in the same worker and time their steps interleaved (A, B, A, B,
+...), so that the ratio is not drowned by process-to-process noise; the
+summary prints each variant's time against the checked, XLA-compiled one.
+`--input-checks off` replaces, in the worker only,
+`keras_dis.src.input_checks.check_teacher_targets` by an unchecked unpack
+of the targets (error code 0) and `keras_dis.src.backend.raise_input_error`
+by a no-op (no `tf.py_function`, nothing recorded in the head), so the
+step is today's minus its input checks. The finiteness gate of the row
+update (`RowSparseOptimizer.apply`) stays in both. `--rounds N` repeats
+the whole set of processes N times (column `run`).
+
+    KERAS_BACKEND=tensorflow python benchmarks/head_step.py \
+        --num-classes 1000 100000 --methods dis dis_head_optimizer \
+        --input-checks both --xla both --repeats 30 --rounds 2 \
+        --output benchmarks/results/head_step_checks_tensorflow_cpu.csv
 """
 
 import argparse
@@ -71,8 +89,58 @@ def current_rss_mb():
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _variants(choice):
+    return {"on": [True], "off": [False], "both": [True, False]}[choice]
+
+
+class _InputChecks:
+    """Turns the step's input checks off and on again (worker only).
+
+    Off: `input_checks.check_teacher_targets` returns OK and the targets
+    unpacked, unchecked; `backend.raise_input_error` does nothing and says
+    it raised, so the head records nothing. The traced steps (TensorFlow,
+    JAX) keep what they were traced with; PyTorch runs eagerly, so the
+    state is set again before each of its steps.
+    """
+
+    def __init__(self):
+        from keras_dis.src import backend as dis_backend
+        from keras_dis.src import input_checks
+
+        self._modules = {"check": input_checks, "raise": dis_backend}
+        self._checked = {
+            "check": input_checks.check_teacher_targets,
+            "raise": dis_backend.raise_input_error,
+        }
+
+    def set(self, on):
+        from keras import ops
+
+        from keras_dis.src.teacher_targets import unpack_teacher_targets
+
+        def unchecked(packed_targets, num_classes):
+            del num_classes
+            return (
+                ops.convert_to_tensor(0, "int32"),
+                ops.convert_to_tensor(0.0),
+                unpack_teacher_targets(packed_targets),
+            )
+
+        def raise_nothing(error_code, error_value, num_classes):
+            del error_code, error_value, num_classes
+            return True
+
+        self._modules["check"].check_teacher_targets = (
+            self._checked["check"] if on else unchecked
+        )
+        self._modules["raise"].raise_input_error = (
+            self._checked["raise"] if on else raise_nothing
+        )
+
+
 def run_worker(args):
-    """Builds one model, times its steps, prints one JSON line."""
+    """Builds one model per variant (input checks, XLA), times their steps
+    interleaved, prints one JSON line per variant."""
     import keras
     import numpy as np
 
@@ -97,60 +165,91 @@ def run_worker(args):
     keras.ops.convert_to_numpy(keras.ops.sum(keras.ops.ones((8, 8))))
     keras_dis.proposals.LaplaceMixtureProposal().rank_probabilities(2)
     rss_before = current_rss_mb()
-    jit_compile = backend != "torch" and not args.no_xla
-
-    if args.method == "tf_sampled_softmax":
-        # Its candidate sampler has no XLA kernel.
-        jit_compile = False
-        step, parameters = _tf_sampled_softmax_step(args, features, labels)
-    else:
-        plain = args.method == "dis_head_optimizer"
-        inputs = keras.Input((dim,))
-        head = keras_dis.SampledDistillationHead(
-            classes, seed=0, optimizer=keras.optimizers.Adam(1e-3) if plain else None
-        )
-        student = keras.Model(inputs, head(inputs))
-        proposal = {"full_kd": "full", "dis_head_optimizer": "dis"}.get(
-            args.method, args.method
-        )
-        # Cached targets: a plain student, or a Distiller without teacher.
-        model = student if plain else keras_dis.Distiller(None, student)
-        model.compile(
-            optimizer=keras.optimizers.Adam(1e-3),
-            loss=keras_dis.DISLoss(k=k, proposal=proposal),
-            jit_compile=jit_compile,
-        )
-        parameters = (classes * dim + classes) * 3  # weights, m, v
-
-        def step():
-            model.train_on_batch(features, targets)
-
-    for _ in range(args.warmup):
-        step()
+    input_checks = _InputChecks()
+    variants = []
+    for xla in _variants(args.xla):
+        # tf.nn.sampled_softmax_loss has no keras_dis input checks.
+        for checks in _variants("on" if args.method == "tf_sampled_softmax" else args.input_checks):
+            jit_compile = backend != "torch" and xla
+            if args.method == "tf_sampled_softmax":
+                jit_compile = False  # its candidate sampler has no XLA kernel
+            if (checks, jit_compile) not in variants:
+                variants.append((checks, jit_compile))
+    steps = []
+    for checks, jit_compile in variants:
+        input_checks.set(checks)
+        if args.method == "tf_sampled_softmax":
+            step, parameters = _tf_sampled_softmax_step(args, features, labels)
+        else:
+            step, parameters = _keras_step(
+                args, jit_compile, features, targets
+            )
+        for _ in range(args.warmup):  # the first step traces: checks as set
+            step()
+        steps.append(step)
     # The peak of the timed steps: model state, optimizer state and the
-    # step's own buffers, not the one-off cost of initialising and compiling.
+    # step's own buffers, not the one-off cost of initialising and compiling
+    # (of all the variants' models together when there are several).
     reset_peak_rss()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    print(
-        json.dumps(
-            {
-                "backend": backend,
-                "method": args.method,
-                "num_classes": classes,
-                "dim": dim,
-                "batch_size": batch,
-                "k": k,
-                "xla": jit_compile,
-                "ms_per_step": 1000 * float(np.median(times)),
-                "peak_mb": peak_rss_mb() - rss_before,
-                "state_mb": parameters * 4 / 2**20,
-            }
+    times = [[] for _ in variants]
+    for repeat in range(args.repeats):
+        # Interleaved, the order rotated each time.
+        for i in range(len(variants)):
+            index = (i + repeat) % len(variants)
+            input_checks.set(variants[index][0])
+            start = time.perf_counter()
+            steps[index]()
+            times[index].append(time.perf_counter() - start)
+    input_checks.set(True)
+    peak_mb = peak_rss_mb() - rss_before
+    for (checks, jit_compile), variant_times in zip(variants, times):
+        print(
+            json.dumps(
+                {
+                    "backend": backend,
+                    "method": args.method,
+                    "num_classes": classes,
+                    "dim": dim,
+                    "batch_size": batch,
+                    "k": k,
+                    "xla": jit_compile,
+                    "input_checks": checks,
+                    "ms_per_step": 1000 * float(np.median(variant_times)),
+                    "peak_mb": peak_mb,
+                    "state_mb": parameters * 4 / 2**20,
+                }
+            )
         )
+
+
+def _keras_step(args, jit_compile, features, targets):
+    import keras
+
+    import keras_dis
+
+    classes, dim, k = args.num_classes, args.dim, args.k
+    plain = args.method == "dis_head_optimizer"
+    inputs = keras.Input((dim,))
+    head = keras_dis.SampledDistillationHead(
+        classes, seed=0, optimizer=keras.optimizers.Adam(1e-3) if plain else None
     )
+    student = keras.Model(inputs, head(inputs))
+    proposal = {"full_kd": "full", "dis_head_optimizer": "dis"}.get(
+        args.method, args.method
+    )
+    # Cached targets: a plain student, or a Distiller without teacher.
+    model = student if plain else keras_dis.Distiller(None, student)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras_dis.DISLoss(k=k, proposal=proposal),
+        jit_compile=jit_compile,
+    )
+    parameters = (classes * dim + classes) * 3  # weights, m, v
+
+    def step():
+        model.train_on_batch(features, targets)
+
+    return step, parameters
 
 
 def _tf_sampled_softmax_step(args, features, labels):
@@ -194,39 +293,35 @@ def run_all(args):
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     methods = [m for m in args.methods if backend == "tensorflow" or m != "tf_sampled_softmax"]
     rows = []
-    for num_classes in args.num_classes:
-        for method in methods:
-            command = [
-                sys.executable, __file__, "--worker", "--method", method,
-                "--num-classes", str(num_classes), "--dim", str(args.dim),
-                "--batch-size", str(args.batch_size), "--k", str(args.k),
-                "--top-r", str(args.top_r), "--warmup", str(args.warmup),
-                "--repeats", str(args.repeats if method != "full_kd" or num_classes < 10**6 else args.full_repeats_at_1m),
-            ] + (["--no-xla"] if args.no_xla else [])
-            env = dict(os.environ)
-            if backend == "jax" and not args.default_malloc:
-                env.update(ALLOCATOR_ENV)
-            result = subprocess.run(command, capture_output=True, text=True, env=env)
-            lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
-            if result.returncode != 0 or not lines:
-                print(f"{method} C={num_classes} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
-                continue
-            row = json.loads(lines[-1])
-            rows.append(row)
-            print(f"  {method:>20} C={num_classes:>8}: {row['ms_per_step']:9.1f} ms/step", flush=True)
-    full = {r["num_classes"]: r["ms_per_step"] for r in rows if r["method"] == "full_kd"}
+    for run in range(args.rounds):
+        for num_classes in args.num_classes:
+            for method in methods:
+                rows.extend(_run_worker_process(args, backend, method, num_classes, run))
+    # Against full KD at the same C, XLA setting and run where measured.
+    full = {}
+    for r in rows:
+        if r["method"] == "full_kd" and r["input_checks"]:
+            full.setdefault((r["num_classes"], r["xla"], r["run"]), r["ms_per_step"])
+            full.setdefault((r["num_classes"], r["xla"]), r["ms_per_step"])
+            full.setdefault(r["num_classes"], r["ms_per_step"])
     for row in rows:
-        row["speedup_vs_full_kd"] = full.get(row["num_classes"], float("nan")) / row["ms_per_step"]
+        keys = ((row["num_classes"], row["xla"], row["run"]),
+                (row["num_classes"], row["xla"]), row["num_classes"])
+        full_ms = next((full[key] for key in keys if key in full), float("nan"))
+        row["speedup_vs_full_kd"] = full_ms / row["ms_per_step"]
         row["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    header = f"{'method':>20} {'C':>9} {'ms/step':>10} {'x full KD':>10} {'peak MB':>9} {'state MB':>9}"
+    header = (f"{'method':>20} {'C':>9} {'XLA':>5} {'checks':>6} {'run':>3} {'ms/step':>10} "
+              f"{'x full KD':>10} {'peak MB':>9} {'state MB':>9}")
     print(f"\nBackend {backend}, d={args.dim}, batch={args.batch_size}, k={args.k}, "
           f"{os.cpu_count()} CPU cores ({platform.machine()})")
     print(header)
     for row in rows:
         print(
-            f"{row['method']:>20} {row['num_classes']:>9} {row['ms_per_step']:>10.1f} "
+            f"{row['method']:>20} {row['num_classes']:>9} {str(row['xla']):>5} "
+            f"{str(row['input_checks']):>6} {row['run']:>3} {row['ms_per_step']:>10.1f} "
             f"{row['speedup_vs_full_kd']:>10.1f} {row['peak_mb']:>9.0f} {row['state_mb']:>9.0f}"
         )
+    _print_variant_ratios(rows)
     if args.output and rows:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w", newline="") as file:
@@ -234,6 +329,63 @@ def run_all(args):
             writer.writeheader()
             writer.writerows(rows)
         print(f"\nWrote {args.output}")
+
+
+def _run_worker_process(args, backend, method, num_classes, run):
+    repeats = args.repeats
+    if method == "full_kd" and args.full_kd_repeats:
+        repeats = args.full_kd_repeats
+    if method == "full_kd" and num_classes >= 10**6:
+        repeats = args.full_repeats_at_1m
+    command = [
+        sys.executable, __file__, "--worker", "--method", method,
+        "--num-classes", str(num_classes), "--dim", str(args.dim),
+        "--batch-size", str(args.batch_size), "--k", str(args.k),
+        "--top-r", str(args.top_r), "--warmup", str(args.warmup),
+        "--repeats", str(repeats), "--input-checks", args.input_checks,
+        "--xla", args.xla,
+    ]
+    env = dict(os.environ)
+    if backend == "jax" and not args.default_malloc:
+        env.update(ALLOCATOR_ENV)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
+    if result.returncode != 0 or not lines:
+        print(f"{method} C={num_classes} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+        return []
+    rows = [dict(json.loads(line), run=run) for line in lines]
+    for row in rows:
+        print(
+            f"  {method:>20} C={num_classes:>8} xla={row['xla']!s:>5} "
+            f"checks={row['input_checks']!s:>5} run={run}: "
+            f"{row['ms_per_step']:9.1f} ms/step",
+            flush=True,
+        )
+    return rows
+
+
+def _print_variant_ratios(rows):
+    """Ratios between the variants of one process (method, C, run): the
+    cost of the input checks (checked / unchecked - 1, same XLA setting)
+    and the speed-up of XLA (not compiled / compiled, same checks)."""
+    times = {
+        (r["method"], r["num_classes"], r["run"], r["xla"], r["input_checks"]): r["ms_per_step"]
+        for r in rows
+    }
+    lines = []
+    for (method, classes, run, xla, checks), ms in times.items():
+        if checks and (method, classes, run, xla, False) in times:
+            overhead = ms / times[(method, classes, run, xla, False)] - 1
+            lines.append(f"{method:>20} {classes:>9} {run:>3}   input checks cost "
+                         f"{100 * overhead:+6.1f}% (xla={xla})")
+        if xla and (method, classes, run, False, checks) in times:
+            speedup = times[(method, classes, run, False, checks)] / ms
+            lines.append(f"{method:>20} {classes:>9} {run:>3}   XLA step {speedup:.2f}x "
+                         f"as fast as without (checks={checks})")
+    if lines:
+        print("\nWithin each process (steps interleaved):")
+        print(f"{'method':>20} {'C':>9} {'run':>3}")
+        print("\n".join(lines))
 
 
 def main(argv=None):
@@ -248,13 +400,28 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--full-repeats-at-1m", type=int, default=3,
                         help="repeats of full KD at C >= 1M (seconds per step)")
-    parser.add_argument("--no-xla", action="store_true", help="no jit_compile")
+    parser.add_argument("--full-kd-repeats", type=int, default=None,
+                        help="repeats of full KD below 1M (default: --repeats)")
+    parser.add_argument("--no-xla", action="store_true",
+                        help="no jit_compile (same as --xla off)")
+    parser.add_argument("--xla", choices=("on", "off", "both"), default="on",
+                        help="jit_compile on TensorFlow and JAX; both: one model "
+                             "of each in the same worker, steps interleaved")
+    parser.add_argument("--input-checks", choices=("on", "off", "both"), default="on",
+                        help="the step's input checks of the teacher targets; "
+                             "off: replaced in the worker by an unchecked unpack; "
+                             "both: one model of each in the same worker, steps "
+                             "interleaved")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every worker process this many times (column run)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's allocator settings as they are")
     parser.add_argument("--output", default="benchmarks/results/head_step.csv")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.no_xla:
+        args.xla = "off"
     if args.worker:
         args.num_classes = args.num_classes[0]
         run_worker(args)
