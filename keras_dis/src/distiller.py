@@ -7,6 +7,7 @@ import numpy as np
 from keras import ops
 
 from keras.src.losses.loss import reduce_weighted_values
+from keras.src.trainers.trainer import model_supports_jit
 
 from keras_dis.src import backend
 from keras_dis.src import input_checks
@@ -151,13 +152,35 @@ class Distiller(keras.Model):
         except (AttributeError, IndexError, TypeError, ValueError):
             return None
 
-    def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
+    def compile(
+        self,
+        optimizer="adam",
+        loss=None,
+        metrics=None,
+        jit_compile="auto",
+        **kwargs,
+    ):
         """Configures training; `loss` defaults to `keras_dis.DISLoss()`.
 
         `fit` compiles with these defaults when `compile` was not called.
+        `jit_compile="auto"` compiles the step with XLA wherever its layers
+        support it, on TensorFlow also on a machine without a GPU (where
+        Keras's own default is no XLA): the sampled step measured 2.1-2.5x
+        faster with XLA on a 2-core CPU (`benchmarks/head_step.py`). JAX
+        always compiles with XLA; PyTorch runs eagerly.
         """
         loss = DISLoss() if loss is None else loss
-        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+        if jit_compile == "auto" and keras.backend.backend() == "tensorflow":
+            jit_compile = not self._distribute_strategy and model_supports_jit(
+                self
+            )
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            metrics=metrics,
+            jit_compile=jit_compile,
+            **kwargs,
+        )
         if not isinstance(self.loss, DISLoss):
             raise ValueError(
                 "The Distiller's loss must be a keras_dis.DISLoss (any "
