@@ -13,6 +13,7 @@ left alone) and the error is raised with `error_message` (see
 `keras_dis.src.backend.raise_input_error`).
 """
 
+import numpy as np
 from keras import ops
 
 from keras_dis.src import teacher_targets as targets_module
@@ -79,14 +80,6 @@ def error_message(code, value, num_classes):
     raise ValueError(f"Unknown input error code: {code}")
 
 
-def _first(bad, values):
-    """Whether any entry is bad, and the value of one bad entry."""
-    bad = ops.reshape(bad, (-1,))
-    values = ops.reshape(ops.cast(values, "float32"), (-1,))
-    position = ops.argmax(ops.cast(bad, "int32"))
-    return ops.any(bad), ops.take(values, position)
-
-
 def _not_a_class_id(values, num_classes):
     return ops.logical_or(
         ops.logical_or(values < 0, values >= num_classes),
@@ -123,35 +116,43 @@ def check_teacher_targets(packed_targets, num_classes):
     packed_targets = ops.cast(packed_targets, "float32")
     top_r = targets_module.top_r_of(packed_targets)
     header = targets_module.HEADER_COLUMNS
-    labels = packed_targets[:, targets_module.LABEL_COLUMN]
-    tail_logits = packed_targets[:, targets_module.TAIL_LOGIT_COLUMN]
-    top_classes = packed_targets[:, header : header + top_r]
-    top_logits = packed_targets[:, header + top_r :]
-    logits = ops.concatenate([tail_logits[:, None], top_logits], axis=-1)
-    checks = [
-        _first(_not_a_class_id(labels, num_classes), labels),
-        _first(_not_a_class_id(top_classes, num_classes), top_classes),
-        _first(ops.logical_not(ops.isfinite(logits)), logits),
-    ]
+    # The error each column can hold, and then one pass over the batch: a
+    # few fused element-wise ops and two reductions, whatever the checks.
+    column_errors = np.full((packed_targets.shape[-1],), NON_FINITE_TEACHER_LOGIT)
+    column_errors[targets_module.LABEL_COLUMN] = LABEL_OUT_OF_RANGE
+    column_errors[header : header + top_r] = CLASS_ID_OUT_OF_RANGE
+    holds_id = column_errors != NON_FINITE_TEACHER_LOGIT
+    bad = ops.where(
+        holds_id[None, :],
+        _not_a_class_id(packed_targets, num_classes),
+        ops.logical_not(ops.isfinite(packed_targets)),
+    )
+    errors = ops.where(bad, column_errors[None, :].astype("int32"), 0)
     if packed_targets.shape[-1] == num_classes:
         # One-hot rows (0/1, summing to 1) have the width of C classes.
         binary = ops.all(
             ops.logical_or(packed_targets == 0, packed_targets == 1), axis=-1
         )
         one_hot = ops.logical_and(binary, ops.sum(packed_targets, axis=-1) == 1)
-        checks.append(_first(one_hot, ops.ones_like(labels)))
-    error_code = ops.convert_to_tensor(OK, "int32")
-    error_value = ops.convert_to_tensor(0.0, "float32")
-    for code, (found, value) in reversed(list(zip(ERROR_CODES, checks))):
-        error_code = ops.where(found, code, error_code)
-        error_value = ops.where(found, value, error_value)
+        errors = ops.maximum(
+            errors, ops.where(one_hot, ONE_HOT_TARGETS, 0)[:, None]
+        )
+    # The first error in the order of `ERROR_CODES`, and one of its values.
+    error_code = ops.min(ops.where(errors > 0, errors, len(ERROR_CODES) + 1))
+    error_code = ops.where(error_code > len(ERROR_CODES), OK, error_code)
+    position = ops.argmax(ops.reshape(errors == error_code, (-1,)))
+    error_value = ops.take(ops.reshape(packed_targets, (-1,)), position)
+    error_value = ops.where(error_code == OK, 0.0, error_value)
+    error_value = ops.where(error_code == ONE_HOT_TARGETS, 1.0, error_value)
+    labels = packed_targets[:, targets_module.LABEL_COLUMN]
+    top_classes = packed_targets[:, header : header + top_r]
     safe_targets = (
         ops.cast(ops.clip(ops.nan_to_num(labels), 0, num_classes - 1), "int32"),
-        _finite_or_zero(tail_logits),
+        _finite_or_zero(packed_targets[:, targets_module.TAIL_LOGIT_COLUMN]),
         ops.cast(
             ops.clip(ops.nan_to_num(top_classes), 0, num_classes - 1), "int32"
         ),
-        _finite_or_zero(top_logits),
+        _finite_or_zero(packed_targets[:, header + top_r :]),
     )
     return ops.cast(error_code, "int32"), error_value, safe_targets
 

@@ -331,12 +331,16 @@ class RowSparseOptimizer:
                 learning_rate,
             )
             backend.scatter_rows(
-                parameter, classes, ops.where(valid, new_rows, parameter_rows)
+                parameter,
+                classes,
+                backend.select(valid, new_rows, parameter_rows),
             )
             if slots is not None:
                 new_slot_rows = ops.stack(
                     [new_slots[name] for name in self.slot_names], axis=1
                 )
                 backend.scatter_rows(
-                    slots, classes, ops.where(valid, new_slot_rows, slot_rows)
+                    slots,
+                    classes,
+                    backend.select(valid, new_slot_rows, slot_rows),
                 )

@@ -44,6 +44,11 @@ def sync_training_state(model):
     del model
 
 
+def select(condition, values, other):
+    """`values` where the scalar `condition` holds, else `other`."""
+    return ops.where(condition, values, other)
+
+
 def training_value(model, variable):
     """The value of `variable` in `model`'s training state."""
     del model
@@ -97,6 +102,7 @@ elif _BACKEND == "jax":
     from keras_dis.src.backend.jax import take_rows  # noqa: F811
 elif _BACKEND == "torch":
     from keras_dis.src.backend.torch import raise_input_error
+    from keras_dis.src.backend.torch import select  # noqa: F811
     from keras_dis.src.backend.torch import scatter_rows
 else:
     raise ValueError(
@@ -115,6 +121,7 @@ __all__ = [
     "raise_input_error",
     "randint",
     "scatter_rows",
+    "select",
     "take_rows",
     "uniform",
 ]

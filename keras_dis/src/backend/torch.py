@@ -26,3 +26,10 @@ def raise_input_error(error_code, error_value, num_classes):
     """
     raise_if_error(error_code, error_value, num_classes)
     return True
+
+
+def select(condition, values, other):
+    """`values` if the scalar `condition` holds, else `other`: eagerly, a
+    branch instead of an element-wise select over every row (a pass over
+    the gathered rows and their optimizer state, ~10% of the step)."""
+    return values if bool(condition) else other
