@@ -8,6 +8,24 @@ import sys
 import keras
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOY_SIZES = ["--batch-size", "4", "--k", "2", "--top-r", "5", "--warmup", "1",
+             "--repeats", "2"]
+
+
+def run_benchmark(*arguments):
+    """Runs benchmarks/head_step.py on this backend; its CSV rows and stdout."""
+    output = arguments[arguments.index("--output") + 1]
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "head_step.py"),
+         *TOY_SIZES, *arguments],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()),
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(output) as file:
+        return list(csv.DictReader(file)), result.stdout
 
 
 def test_head_step_writes_one_row_per_method(tmp_path):
@@ -17,24 +35,12 @@ def test_head_step_writes_one_row_per_method(tmp_path):
         methods.append("tf_sampled_softmax")
     output = os.path.join(tmp_path, "head_step.csv")
     num_classes, dim = 50, 8
-    result = subprocess.run(
-        [
-            sys.executable, os.path.join(ROOT, "benchmarks", "head_step.py"),
-            "--num-classes", str(num_classes), "--dim", str(dim),
-            "--batch-size", "4", "--k", "2", "--top-r", "5",
-            "--warmup", "1", "--repeats", "2", "--methods", *methods,
-            "--output", output,
-        ],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, KERAS_BACKEND=backend),
-        cwd=ROOT,
+    rows, stdout = run_benchmark(
+        "--num-classes", str(num_classes), "--dim", str(dim),
+        "--methods", *methods, "--output", output,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "x full KD" in result.stdout
-    with open(output) as file:
-        rows = list(csv.DictReader(file))
-    assert sorted(row["method"] for row in rows) == sorted(methods), result.stderr[-3000:]
+    assert "x full KD" in stdout
+    assert sorted(row["method"] for row in rows) == sorted(methods)
     for row in rows:
         assert row["backend"] == backend
         assert float(row["ms_per_step"]) > 0
@@ -48,23 +54,11 @@ def test_head_step_writes_one_row_per_method(tmp_path):
 
 def test_head_step_times_the_step_with_and_without_input_checks(tmp_path):
     """`--input-checks both`: two models in one worker, one row each."""
-    backend = keras.backend.backend()
     output = os.path.join(tmp_path, "head_step_checks.csv")
-    result = subprocess.run(
-        [
-            sys.executable, os.path.join(ROOT, "benchmarks", "head_step.py"),
-            "--num-classes", "50", "--dim", "8", "--batch-size", "4",
-            "--k", "2", "--top-r", "5", "--warmup", "1", "--repeats", "2",
-            "--methods", "dis", "--input-checks", "both", "--output", output,
-        ],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, KERAS_BACKEND=backend),
-        cwd=ROOT,
+    rows, stdout = run_benchmark(
+        "--num-classes", "50", "--dim", "8", "--methods", "dis",
+        "--input-checks", "both", "--output", output,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "input checks cost" in result.stdout
-    with open(output) as file:
-        rows = list(csv.DictReader(file))
+    assert "input checks cost" in stdout
     assert sorted(row["input_checks"] for row in rows) == ["False", "True"]
     assert all(row["method"] == "dis" and float(row["ms_per_step"]) > 0 for row in rows)
