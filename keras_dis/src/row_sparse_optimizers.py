@@ -295,21 +295,29 @@ class RowSparseOptimizer:
             ops.all(ops.isfinite(logit_gradients)),
         )
         classes = ops.reshape(ops.cast(classes, "int32"), (-1,))
-        leaders = group_leaders(classes, self.group_leaders)
         # d loss / d kernel[c] = sum over entries of class c of g * features.
-        kernel_gradients = logit_gradients[:, :, None] * features[:, None, :]
-        gradients = [
-            sum_groups(
-                ops.reshape(kernel_gradients, (-1, features.shape[-1])), leaders
+        entry_gradients = [
+            ops.reshape(
+                logit_gradients[:, :, None] * features[:, None, :],
+                (-1, features.shape[-1]),
             )
         ]
         if self.head.use_bias:
-            gradients.append(
-                sum_groups(ops.reshape(logit_gradients, (-1,)), leaders)
-            )
+            entry_gradients.append(ops.reshape(logit_gradients, (-1,)))
         step = self.step.value + ops.cast(valid, "float32")
         self.step.assign(step)
         learning_rate = self.learning_rate(ops.maximum(step, 1.0))
+        num_entries = classes.shape[0]
+        if num_entries is not None and num_entries >= self.head.num_classes:
+            # More entries than classes (few classes, e.g. C = 1000 with
+            # B * (k + 1) = 5376): updating every row once, lazily, is less
+            # work than updating each entry.
+            self._update_every_row(
+                classes, entry_gradients, valid, step, learning_rate
+            )
+            return
+        leaders = group_leaders(classes, self.group_leaders)
+        gradients = [sum_groups(g, leaders) for g in entry_gradients]
         for parameter, slots, gradient, parameter_rows in zip(
             self.parameters, self.slots, gradients, rows
         ):
@@ -344,3 +352,42 @@ class RowSparseOptimizer:
                     classes,
                     backend.select(valid, new_slot_rows, slot_rows),
                 )
+
+    def _update_every_row(self, classes, entry_gradients, valid, step, learning_rate):
+        """The same lazy update, computed for all `C` rows: the gradients
+        are summed per class, and rows no entry touched keep their values
+        and state."""
+        num_classes = self.head.num_classes
+        touched = ops.segment_sum(
+            ops.ones_like(classes, "float32"), classes, num_segments=num_classes
+        )
+        touched = ops.logical_and(touched > 0, valid)
+        for parameter, slots, entry_gradient in zip(
+            self.parameters, self.slots, entry_gradients
+        ):
+            gradient = ops.segment_sum(
+                entry_gradient, classes, num_segments=num_classes
+            )
+            values = ops.stop_gradient(parameter.value)
+            slot_values = None if slots is None else slots.value
+            new_values, new_slots = update_rows(
+                self.optimizer,
+                values,
+                gradient,
+                {
+                    name: slot_values[:, i]
+                    for i, name in enumerate(self.slot_names)
+                },
+                step,
+                learning_rate,
+            )
+            mask = ops.reshape(touched, (-1,) + (1,) * (len(values.shape) - 1))
+            parameter.assign(ops.where(mask, new_values, values))
+            if slots is not None:
+                new_slot_values = ops.stack(
+                    [new_slots[name] for name in self.slot_names], axis=1
+                )
+                slot_mask = ops.reshape(
+                    touched, (-1,) + (1,) * (len(slot_values.shape) - 1)
+                )
+                slots.assign(ops.where(slot_mask, new_slot_values, slot_values))

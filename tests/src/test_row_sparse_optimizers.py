@@ -274,3 +274,45 @@ def test_keras_optimizer_holds_no_class_sized_state():
     # The dense baseline, for contrast, keeps Adam moments of the kernel.
     dense = distill(False, keras.optimizers.Adam(0.01))
     assert any(40 in tuple(v.shape) for v in dense.optimizer.variables)
+
+
+@pytest.mark.parametrize("num_classes", [6, 40])
+def test_lazy_adam_matches_numpy_with_fewer_or_more_classes_than_entries(
+    num_classes,
+):
+    """10 entries: with 6 classes every row is updated at once (masked),
+    with 40 each entry's row; both are the same lazy Adam step."""
+    from keras_dis.src.head import SampledDistillationHead
+
+    rng = np.random.default_rng(0)
+    head = SampledDistillationHead(num_classes)
+    head.build((None, 3))
+    head.enable_row_sparse_updates(keras.optimizers.Adam(0.1))
+    classes = np.array([[0, 1, 1, 4, 2], [4, 4, 0, 2, 1]], "int32")
+    logit_gradients = rng.normal(size=(2, 5)).astype("float32")
+    features = rng.normal(size=(2, 3)).astype("float32")
+    kernel = np.array(head.kernel)
+    bias = np.array(head.bias)
+    tensors = [ops.convert_to_tensor(a) for a in (classes, logit_gradients, features)]
+    rows = head.gather_rows(tensors[0])
+    head.row_sparse_optimizer.apply(*tensors, rows)
+    kernel_gradient = np.zeros_like(kernel)
+    bias_gradient = np.zeros_like(bias)
+    np.add.at(
+        kernel_gradient, classes.ravel(),
+        (logit_gradients[:, :, None] * features[:, None, :]).reshape(-1, 3),
+    )
+    np.add.at(bias_gradient, classes.ravel(), logit_gradients.ravel())
+    touched = np.isin(np.arange(num_classes), classes)
+    for value, gradient, variable in (
+        (kernel, kernel_gradient, head.kernel),
+        (bias, bias_gradient, head.bias),
+    ):
+        m = 0.1 * gradient
+        v = 0.001 * gradient**2
+        alpha = 0.1 * np.sqrt(1 - 0.999) / (1 - 0.9)
+        expected = value - alpha * m / (np.sqrt(v) + 1e-7)
+        expected[~touched] = value[~touched]
+        np.testing.assert_allclose(
+            np.array(variable), expected, rtol=1e-5, atol=1e-6
+        )
