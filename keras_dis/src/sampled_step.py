@@ -130,13 +130,6 @@ def distillation_losses(head, features, packed_targets, loss, sample_weight=None
         failed its input checks.
     """
     loss.check_num_classes(head.num_classes)
-    if features.shape[-1] != head.kernel.shape[-1]:
-        raise ValueError(
-            "In training, `y_pred` must be the features that the "
-            "SampledDistillationHead passes through, of shape (batch, "
-            f"{head.kernel.shape[-1]}). Received: y_pred.shape="
-            f"{features.shape}. Make the head the model's output."
-        )
     top_r = targets_module.top_r_of(packed_targets)
     if top_r > head.num_classes:
         raise ValueError(
