@@ -1,5 +1,6 @@
 """keras_dis: fast knowledge distillation for many classes (DIS), Keras 3."""
 
+from keras_dis.src import diagnostics
 from keras_dis.src import losses
 from keras_dis.src import proposals
 from keras_dis.src.callbacks import ProposalScheduler
@@ -20,6 +21,7 @@ __all__ = [
     "SampledDistillationHead",
     "TeacherCache",
     "TeacherCacheDataset",
+    "diagnostics",
     "export_student",
     "losses",
     "pack_teacher_targets",

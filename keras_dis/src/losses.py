@@ -14,14 +14,25 @@ from keras_dis.src.sampled_step import SAMPLED_PROPOSALS
 FULL = "full"
 PROPOSAL_NAMES = SAMPLED_PROPOSALS + ("pdbs", FULL)
 
-# Every row of the paper's tables, by name.
+# Every row of the paper's tables, by name, then the estimators that keep
+# the teacher's top classes exact (`exact_top`; `None` is the default share,
+# `TOP_K` all `k` entries) and sample only the rest.
+TOP_K = "k"
 METHODS = {
     "hard_labels": {"proposal": FULL, "distillation_weight": 0.0},
     "full_kd": {"proposal": FULL},
     "pdbs": {"proposal": "pdbs"},
-    "uniform": {"proposal": "uniform"},
-    "ftis": {"proposal": "ftis"},
-    "dis": {"proposal": "dis"},
+    "uniform": {"proposal": "uniform", "exact_top": 0},
+    "ftis": {"proposal": "ftis", "exact_top": 0},
+    "dis": {"proposal": "dis", "exact_top": 0},
+    "teacher_uniform": {"proposal": "teacher_uniform", "exact_top": 0},
+    "exact_top_dis": {"proposal": "dis", "exact_top": None},
+    "exact_top_uniform": {"proposal": "uniform", "exact_top": None},
+    "exact_top_teacher_uniform": {
+        "proposal": "teacher_uniform",
+        "exact_top": None,
+    },
+    "top_k": {"proposal": "uniform", "exact_top": TOP_K},
 }
 
 
@@ -94,6 +105,7 @@ class DISLoss(keras.losses.Loss):
         proposal="dis",
         temperature=1.0,
         distillation_weight=1.0,
+        exact_top=None,
         reduction="sum_over_batch_size",
         name="dis_loss",
         dtype=None,
@@ -102,6 +114,15 @@ class DISLoss(keras.losses.Loss):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(
                 f"`k` must be an integer >= 1. Received: k={k!r}"
+            )
+        if exact_top is not None and (
+            isinstance(exact_top, bool)
+            or not isinstance(exact_top, int)
+            or not 0 <= exact_top <= k
+        ):
+            raise ValueError(
+                f"`exact_top` must be None or an integer in [0, k={k}]. "
+                f"Received: exact_top={exact_top!r}"
             )
         if not temperature > 0:
             raise ValueError(
@@ -120,10 +141,19 @@ class DISLoss(keras.losses.Loss):
         self.proposal = proposal
         self.temperature = float(temperature)
         self.distillation_weight = float(distillation_weight)
+        self.exact_top = exact_top
 
     @property
     def proposal_name(self):
         return FULL if self.proposal == FULL else self.proposal.name
+
+    @property
+    def exact_top_count(self):
+        """How many of the `k` entries are the teacher's exact top classes
+        (`exact_top`, or by default `default_exact_top(k)`)."""
+        if self.exact_top is None:
+            return default_exact_top(self.k)
+        return self.exact_top
 
     def check_num_classes(self, num_classes):
         """Raises a `ValueError` if `k` does not fit `num_classes`."""
@@ -238,9 +268,21 @@ class DISLoss(keras.losses.Loss):
                 ),
                 "temperature": self.temperature,
                 "distillation_weight": self.distillation_weight,
+                "exact_top": self.exact_top,
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Losses saved before `exact_top` existed ran the paper's Alg. 1.
+        config = {"exact_top": 0, **config}
+        return cls(**config)
+
+
+def default_exact_top(k):
+    """The number of exact top classes `DISLoss(k=k)` uses by default."""
+    return k // 2
 
 
 def check_packed_targets_shape(y_true):
@@ -260,11 +302,15 @@ def check_packed_targets_shape(y_true):
 
 
 def get(method, k=10, **kwargs):
-    """The loss of a row of the paper's tables, by name.
+    """The loss of a row of the paper's tables, or of another estimator, by
+    name.
 
     Args:
-        method: one of `METHODS`: `"hard_labels"`, `"full_kd"`, `"pdbs"`,
-            `"uniform"`, `"ftis"`, `"dis"`.
+        method: one of `METHODS`: the paper's `"hard_labels"`, `"full_kd"`,
+            `"pdbs"`, `"uniform"`, `"ftis"`, `"dis"`, and `"teacher_uniform"`,
+            `"exact_top_dis"`, `"exact_top_uniform"`,
+            `"exact_top_teacher_uniform"`, `"top_k"` (the teacher's top `k`
+            classes only, no sampling: biased).
         k: int, the subset size of the sampled and selected methods.
         **kwargs: other `DISLoss` arguments (`temperature`, ...).
 
@@ -275,9 +321,14 @@ def get(method, k=10, **kwargs):
 
     >>> get("ftis", k=5).proposal_name
     'ftis'
+    >>> get("top_k", k=5).exact_top
+    5
     """
     if method not in METHODS:
         raise ValueError(
             f"`method` must be one of {list(METHODS)}. Received: method={method!r}"
         )
-    return DISLoss(k=k, **{**METHODS[method], **kwargs})
+    options = {**METHODS[method], **kwargs}
+    if options.get("exact_top") == TOP_K:
+        options["exact_top"] = k
+    return DISLoss(k=k, **options)

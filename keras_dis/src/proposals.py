@@ -127,6 +127,63 @@ class TeacherProposal(Proposal):
 
 
 @keras.saving.register_keras_serializable(package="keras_dis")
+class TeacherUniformProposal(Proposal):
+    """The teacher's tempered prediction mixed with the uniform proposal.
+
+    `r = teacher_weight * softmax(t / T) + (1 - teacher_weight) / C` per
+    sample: draws follow the teacher at the loss's temperature, where the
+    distillation target puts its mass, while the uniform part keeps every
+    class possible, bounds the importance weights by
+    `C / (1 - teacher_weight)` and keeps negatives in the subset when the
+    teacher is peaked (plain FTIS then draws the label over and over).
+
+    Args:
+        teacher_weight: float in (0, 1), the weight of the teacher.
+
+    Example:
+
+    >>> proposal = TeacherUniformProposal(teacher_weight=0.5)
+    >>> log_bins = proposal.log_bin_probabilities(
+    ...     teacher_logits=np.log([[0.5, 0.3]]), num_classes=3,
+    ...     temperature=1.0, tail_logits=np.log([0.2]))
+    >>> np.round(np.exp(keras.ops.convert_to_numpy(log_bins)), 3)
+    array([[0.417, 0.317, 0.267]], dtype=float32)
+    """
+
+    name = "teacher_uniform"
+
+    def __init__(self, teacher_weight=0.5):
+        if not 0 < teacher_weight < 1:
+            raise ValueError(
+                "`teacher_weight` must be in the open interval (0, 1). "
+                f"Received: teacher_weight={teacher_weight}"
+            )
+        self.teacher_weight = float(teacher_weight)
+
+    def log_bin_probabilities(
+        self,
+        teacher_logits,
+        num_classes,
+        temperature,
+        tail_logits=None,
+        rank_proposal=None,
+    ):
+        teacher = TeacherProposal().log_bin_probabilities(
+            teacher_logits, num_classes, temperature, tail_logits
+        )
+        uniform = UniformProposal().log_bin_probabilities(
+            teacher_logits, num_classes, temperature
+        )
+        return ops.logaddexp(
+            teacher + math.log(self.teacher_weight),
+            uniform + math.log(1.0 - self.teacher_weight),
+        )
+
+    def get_config(self):
+        return {"teacher_weight": self.teacher_weight}
+
+
+@keras.saving.register_keras_serializable(package="keras_dis")
 class LaplaceMixtureProposal(Proposal):
     """Dynamic importance sampling (DIS): a two-Laplace mixture over ranks.
 
@@ -324,13 +381,14 @@ PROPOSALS = {
     "dis": LaplaceMixtureProposal,
     "ftis": TeacherProposal,
     "uniform": UniformProposal,
+    "teacher_uniform": TeacherUniformProposal,
     "pdbs": PredictionDifferenceSelection,
 }
 
 
 def get(identifier):
     """Returns a proposal from its name (`"dis"`, `"ftis"`, `"uniform"`,
-    `"pdbs"`) or passes an instance through.
+    `"teacher_uniform"`, `"pdbs"`) or passes an instance through.
 
     Example:
 

@@ -144,6 +144,112 @@ def sample_classes(
     return classes, teacher_logits, log_proposal
 
 
+# The log-weight of a subset entry that must not count (a second copy of
+# the label): its corrected logits are about -1e30, so its softmax weight is
+# exactly 0 and no infinity enters the arithmetic.
+MASKED_LOG_WEIGHT = 1e30
+
+
+def tail_log_bins(log_bins, exact_top):
+    """A proposal restricted to the ranks from `exact_top` on, renormalised.
+
+    Args:
+        log_bins: `(1 or batch, R + 1)` log-probabilities of the rank bins.
+        exact_top: int in `[0, R]`, the number of top ranks to exclude.
+
+    Returns:
+        A tensor like `log_bins` whose first `exact_top` bins have
+        probability 0 and whose other bins sum to 1.
+    """
+    if exact_top == 0:
+        return log_bins
+    log_bins = ops.cast(log_bins, "float32")
+    kept = ops.arange(log_bins.shape[-1]) >= exact_top
+    log_bins = ops.where(kept[None, :], log_bins, -math.inf)
+    return log_bins - ops.logsumexp(log_bins, axis=-1, keepdims=True)
+
+
+def sample_subset(
+    log_bins,
+    targets,
+    num_classes,
+    k,
+    exact_top,
+    seed_generator,
+):
+    """The classes of one sampled step and their importance log-weights.
+
+    Two estimators share this layout, `(batch, 1 + k)`, label first:
+
+    - `exact_top == 0`: Alg. 1 of the DIS paper. The label (log-weight 0,
+      `r_y := 1`), then `k` draws with replacement from the proposal, each
+      with log-weight `log r_j`.
+    - `exact_top == m > 0`: the teacher's top `m` classes enter exactly
+      (log-weight 0) and only the rest is sampled: `k - m` draws from the
+      proposal restricted to ranks `>= m`, with log-weight
+      `log((k - m) * r_j)`, so `exp(s_j) / ((k - m) r_j)` summed over the
+      draws is an unbiased estimate of the tail's part of the softmax
+      normaliser. The label is exact too: a top-`m` entry or a draw equal
+      to the label is masked (`MASKED_LOG_WEIGHT`) so that it counts once.
+
+    Args:
+        log_bins: `(1 or batch, R + 1)` log-probabilities of the proposal's
+            rank bins (see `keras_dis.proposals`).
+        targets: `(labels, tail_logits, top_classes, top_logits)`, as from
+            `keras_dis.src.teacher_targets.unpack_teacher_targets`.
+        num_classes: int, `C`.
+        k: int, the number of entries besides the label.
+        exact_top: int in `[0, min(k, R)]`.
+        seed_generator: a `keras.random.SeedGenerator`.
+
+    Returns:
+        A tuple `(classes, teacher_logits, log_weights)` of shape
+        `(batch, 1 + k)`: class ids (the label in column 0), their teacher
+        logits, and the log-weights to subtract from the tempered logits
+        (`log_proposal` of `distillation_cross_entropy`).
+    """
+    labels, tail_logits, top_classes, top_logits = targets
+    labels = ops.cast(labels, "int32")[:, None]
+    label_logits = label_teacher_logits(
+        labels[:, 0], top_classes, top_logits, tail_logits
+    )
+    classes = [labels]
+    teacher_logits = [label_logits[:, None]]
+    log_weights = [ops.zeros_like(label_logits[:, None])]
+    if exact_top > 0:
+        exact_classes = ops.cast(top_classes[:, :exact_top], "int32")
+        classes.append(exact_classes)
+        teacher_logits.append(ops.cast(top_logits[:, :exact_top], "float32"))
+        log_weights.append(
+            ops.where(exact_classes == labels, MASKED_LOG_WEIGHT, 0.0)
+        )
+    num_draws = k - exact_top
+    if num_draws > 0:
+        drawn, drawn_logits, log_proposal = sample_classes(
+            tail_log_bins(log_bins, exact_top),
+            top_classes,
+            top_logits,
+            tail_logits,
+            num_classes=num_classes,
+            num_samples=num_draws,
+            seed_generator=seed_generator,
+        )
+        if exact_top > 0:
+            log_proposal = ops.where(
+                drawn == labels,
+                MASKED_LOG_WEIGHT,
+                log_proposal + math.log(num_draws),
+            )
+        classes.append(drawn)
+        teacher_logits.append(drawn_logits)
+        log_weights.append(log_proposal)
+    return (
+        ops.concatenate(classes, axis=-1),
+        ops.concatenate(teacher_logits, axis=-1),
+        ops.concatenate(log_weights, axis=-1),
+    )
+
+
 def label_teacher_logits(labels, top_classes, top_logits, tail_logits):
     """The teacher logit of each sample's label, `(batch,)`.
 

@@ -37,7 +37,7 @@ from keras_dis.src import teacher_targets as targets_module
 
 _HEAD_ATTRIBUTE = "_keras_dis_head"
 _LOGITS_HEAD_ATTRIBUTE = "_keras_dis_logits_head"
-SAMPLED_PROPOSALS = ("dis", "ftis", "uniform")
+SAMPLED_PROPOSALS = ("dis", "ftis", "uniform", "teacher_uniform")
 
 
 def mark_training_output(head, features):
@@ -160,9 +160,17 @@ def distillation_losses(head, features, packed_targets, loss, sample_weight=None
 
 
 def _sampled_losses(head, features, targets, loss, error_code, sample_weight):
-    labels, tail_logits, top_classes, top_logits = targets
+    _, tail_logits, top_classes, top_logits = targets
     num_classes = head.num_classes
-    # 2. Draw k classes per sample by teacher rank.
+    exact_top = loss.exact_top_count
+    if exact_top > top_classes.shape[-1]:
+        raise ValueError(
+            f"`exact_top={exact_top}` needs the teacher's top {exact_top} "
+            f"classes in `y`, but `y` ranks {top_classes.shape[-1]}: pack "
+            f"the targets with a larger `top_r` or lower `exact_top`. "
+            f"Received: exact_top={exact_top}"
+        )
+    # 2. Draw the classes by teacher rank.
     log_bins = loss.proposal.log_bin_probabilities(
         top_logits,
         num_classes=num_classes,
@@ -170,29 +178,22 @@ def _sampled_losses(head, features, targets, loss, error_code, sample_weight):
         tail_logits=tail_logits,
         rank_proposal=head.rank_proposal,
     )
-    classes, teacher_logits, log_proposal = sampled_softmax.sample_classes(
+    subset, teacher_logits, log_weights = sampled_softmax.sample_subset(
         log_bins,
-        top_classes,
-        top_logits,
-        tail_logits,
+        targets,
         num_classes=num_classes,
-        num_samples=loss.k,
+        k=loss.k,
+        exact_top=exact_top,
         seed_generator=head.seed_generator,
     )
-    label_logits = sampled_softmax.label_teacher_logits(
-        labels, top_classes, top_logits, tail_logits
-    )
     # 3. Gather the rows of the target and the drawn classes.
-    subset = ops.concatenate([labels[:, None], classes], axis=-1)
     rows = head.gather_rows(subset)
     # 4. The importance-sampling estimator over the subset.
     estimator_inputs = {
         "student_logits": head.sampled_logits(features, subset, rows),
-        "teacher_logits": ops.concatenate(
-            [label_logits[:, None], teacher_logits], axis=-1
-        ),
+        "teacher_logits": teacher_logits,
         "temperature": loss.temperature,
-        "log_proposal": ops.pad(log_proposal, ((0, 0), (1, 0))),
+        "log_proposal": log_weights,
         "distillation_weight": loss.distillation_weight,
         "label_position": 0,
     }

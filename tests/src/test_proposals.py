@@ -200,6 +200,7 @@ def test_proposals_serialize():
         proposals.LaplaceMixtureProposal(left_scale=2.0, scale_units="fraction"),
         proposals.TeacherProposal(),
         proposals.UniformProposal(),
+        proposals.TeacherUniformProposal(teacher_weight=0.3),
         proposals.PredictionDifferenceSelection(),
     ):
         restored = keras.saving.deserialize_keras_object(
@@ -207,3 +208,41 @@ def test_proposals_serialize():
         )
         assert type(restored) is type(proposal)
         assert restored.get_config() == proposal.get_config()
+
+
+@pytest.mark.parametrize("top_r", [5, 12])
+def test_teacher_uniform_mixes_the_tempered_teacher_with_uniform(top_r):
+    """NumPy: `w * softmax(t / T) + (1 - w) / C` per class, summed per bin."""
+    num_classes, temperature, weight = 12, 3.0, 0.3
+    rng = np.random.default_rng(7)
+    teacher_logits = -np.sort(-5 * rng.normal(size=(2, num_classes)), axis=-1)
+    top_logits = teacher_logits[:, :top_r]
+    tail = teacher_logits[:, top_r:]
+    tail_logits = (
+        np.log(np.exp(tail).mean(-1)) if top_r < num_classes else np.zeros(2)
+    )
+    log_bins = proposals.TeacherUniformProposal(weight).log_bin_probabilities(
+        top_logits.astype("float32"),
+        num_classes=num_classes,
+        temperature=temperature,
+        tail_logits=tail_logits.astype("float32"),
+    )
+    bins = np.exp(ops.convert_to_numpy(log_bins))
+    dense = np.concatenate(
+        [top_logits, np.repeat(tail_logits[:, None], num_classes - top_r, -1)],
+        axis=-1,
+    )
+    teacher = np.exp(dense / temperature)
+    teacher /= teacher.sum(-1, keepdims=True)
+    per_class = weight * teacher + (1 - weight) / num_classes
+    expected = np.concatenate(
+        [per_class[:, :top_r], per_class[:, top_r:].sum(-1, keepdims=True)], -1
+    )
+    np.testing.assert_allclose(bins, expected, rtol=1e-5, atol=1e-7)
+    # Every class keeps at least the uniform share.
+    assert bins[:, :top_r].min() >= (1 - weight) / num_classes * (1 - 1e-6)
+
+
+def test_teacher_uniform_bad_weight():
+    with pytest.raises(ValueError, match="teacher_weight"):
+        proposals.TeacherUniformProposal(teacher_weight=1.0)
