@@ -37,10 +37,17 @@ import numpy as np
 
 import keras_dis
 
-# Every student row, in the order of the paper's tables.
+# Every student row, in the order of the paper's tables, then the other
+# estimators of `keras_dis.losses.METHODS`.
 STUDENT_METHODS = tuple(keras_dis.losses.METHODS)
+# The rows trained by default: the paper's, then the package's default loss.
+DEFAULT_METHODS = keras_dis.losses.PAPER_METHODS + (
+    keras_dis.losses.DEFAULT_METHOD,
+)
 # The methods that use a subset of `k` classes (one row per `k`).
-SUBSET_METHODS = ("pdbs", "uniform", "ftis", "dis")
+SUBSET_METHODS = tuple(
+    method for method in STUDENT_METHODS if method not in ("hard_labels", "full_kd")
+)
 TEACHER = "teacher"
 NOT_AVAILABLE = "n/a"
 
@@ -50,6 +57,11 @@ _METHOD_TITLES = {
     "uniform": "uniform",
     "ftis": "FTIS",
     "dis": "DIS",
+    "teacher_uniform": "teacher+uniform",
+    "exact_top_dis": "exact top + DIS tail",
+    "exact_top_uniform": "exact top + uniform tail",
+    "exact_top_teacher_uniform": "exact top + teacher+uniform tail",
+    "top_k": "teacher top-k",
 }
 _TIMING_COLUMNS = (
     ("train_seconds_per_epoch", "train s/epoch"),
@@ -82,6 +94,11 @@ _PLOT_COLORS = {
     "uniform": "tab:green",
     "ftis": "tab:purple",
     "dis": "tab:red",
+    "teacher_uniform": "tab:olive",
+    "exact_top_dis": "tab:brown",
+    "exact_top_uniform": "tab:cyan",
+    "exact_top_teacher_uniform": "tab:pink",
+    "top_k": "black",
     "full_kd": "tab:blue",
     "hard_labels": "tab:gray",
 }
@@ -168,13 +185,15 @@ def add_common_arguments(parser, full_defaults, smoke_defaults, data_help):
         "--methods",
         nargs="+",
         choices=STUDENT_METHODS,
-        default=list(STUDENT_METHODS),
+        default=list(DEFAULT_METHODS),
         metavar="METHOD",
         help="Student rows to train, any of: hard_labels (the plain student, "
         "one-hot labels), full_kd (distillation over every class), pdbs "
         "(prediction-difference based selection of k classes), uniform, "
         "ftis (fixed teacher importance sampling), dis (dynamic importance "
-        "sampling) (default: all of them).",
+        "sampling), and the other estimators of keras_dis.losses.METHODS "
+        f"(default: the paper's rows and {keras_dis.losses.DEFAULT_METHOD}, "
+        "the estimator of keras_dis.DISLoss()).",
     )
     parser.add_argument(
         "--k",

@@ -8,6 +8,8 @@ gradient. Two numbers say how good that estimate is for a batch, for any
   student's logits (averaged over many independent subsets, scattered back
   to all `C` classes) and the exact full-KD gradient: its bias. 1 means the
   estimator points, on average, where full KD does;
+- the same cosine for the gradient of a single subset, averaged over
+  subsets: the noise of one step on top of the bias;
 - the effective sample size of the self-normalised importance weights over
   one subset, `1 / sum(w_j ** 2)` for weights `w` summing to 1, as a
   fraction of the subset size `1 + k`, for the teacher's weights
@@ -99,8 +101,9 @@ def estimator_diagnostics(
 
     Returns:
         A dict of float32 NumPy arrays of shape `(batch,)`:
-        `"gradient_cosine"` (expected sampled vs exact logit gradient),
-        `"teacher_ess"` and `"student_ess"` (mean effective sample size of
+        `"gradient_cosine"` (expected sampled vs exact logit gradient: the
+        bias), `"subset_gradient_cosine"` (one subset's gradient vs the
+        exact one, averaged: bias and variance together), `"teacher_ess"` and `"student_ess"` (mean effective sample size of
         the subsets as a fraction of `1 + k`).
 
     Example:
@@ -113,7 +116,7 @@ def estimator_diagnostics(
     >>> result = estimator_diagnostics(
     ...     keras_dis.DISLoss(k=10), student_logits, targets, num_subsets=32)
     >>> sorted(result)
-    ['gradient_cosine', 'student_ess', 'teacher_ess']
+    ['gradient_cosine', 'student_ess', 'subset_gradient_cosine', 'teacher_ess']
     >>> bool((result["gradient_cosine"] > 0.5).all())
     True
     """

@@ -34,6 +34,9 @@ METHODS = {
     },
     "top_k": {"proposal": "uniform", "exact_top": TOP_K},
 }
+# The rows of the paper's tables, and the method `DISLoss()` runs.
+PAPER_METHODS = ("hard_labels", "full_kd", "pdbs", "uniform", "ftis", "dis")
+DEFAULT_METHOD = "exact_top_dis"
 
 
 @keras.saving.register_keras_serializable(package="keras_dis")
@@ -45,19 +48,24 @@ class DISLoss(keras.losses.Loss):
     plus `k` classes drawn with replacement by teacher rank from a proposal
     `r`; teacher and student logits are corrected by `- log r` and the
     cross-entropy between their softmaxes over the subset is the loss.
-    `proposal` picks the row of the paper's tables:
+    With `exact_top=m`, the teacher's top `m` classes enter every step
+    exactly and only `k - m` classes are drawn, from the ranks below them
+    (see `keras_dis.src.sampled_softmax.sample_subset`). `proposal` picks
+    the row of the paper's tables, or another proposal:
 
-    | proposal    | subset                                   | cost per step |
-    |-------------|------------------------------------------|---------------|
-    | `"dis"`     | Laplace mixture over ranks (annealed)    | `B*k*d`       |
-    | `"ftis"`    | the teacher's own prediction             | `B*k*d`       |
-    | `"uniform"` | uniform over classes                     | `B*k*d`       |
-    | `"pdbs"`    | top-k of `abs(p - q)`, no correction     | `B*C*d`       |
-    | `"full"`    | every class: full KD                     | `B*C*d`       |
+    | proposal            | subset                                | cost per step |
+    |---------------------|---------------------------------------|---------------|
+    | `"dis"`             | Laplace mixture over ranks (annealed) | `B*k*d`       |
+    | `"ftis"`            | the teacher's own prediction          | `B*k*d`       |
+    | `"uniform"`         | uniform over classes                  | `B*k*d`       |
+    | `"teacher_uniform"` | half teacher (at `T`), half uniform   | `B*k*d`       |
+    | `"pdbs"`            | top-k of `abs(p - q)`, no correction  | `B*C*d`       |
+    | `"full"`            | every class: full KD                  | `B*C*d`       |
 
     Hard-label training is `DISLoss(proposal="full",
     distillation_weight=0.0)`; `keras_dis.losses.get("hard_labels")` and
-    the other names in `METHODS` build each row.
+    the other names in `METHODS` build each row (`get("dis")` is the
+    paper's DIS, with `exact_top=0`).
 
     Targets (`y_true`): packed teacher targets, `(batch, 2 + 2R)` -- the
     label, the teacher's top-`R` classes and logits and a tail logit; see
@@ -81,6 +89,11 @@ class DISLoss(keras.losses.Loss):
         temperature: float > 0, the distillation temperature `T`.
         distillation_weight: float in [0, 1], `lambda` of
             `lambda * KD + (1 - lambda) * CE(y)`; the paper uses 1.
+        exact_top: None or int in `[0, k]`: how many of the `k` classes
+            are the teacher's top classes, taken exactly rather than
+            sampled (0: the paper's Alg. 1; `k`: the top `k` only, no
+            sampling, biased). None: `default_exact_top(k)`. Needs targets
+            packed with `top_r >= exact_top`.
         reduction: as for any Keras loss.
         name: name of the loss.
         dtype: dtype of the loss computation (float32 by default, also under

@@ -19,6 +19,7 @@ EXPECTED_ROWS = [
     ("uniform", "5"),
     ("ftis", "5"),
     ("dis", "5"),
+    (keras_dis.losses.DEFAULT_METHOD, "5"),
 ]
 
 

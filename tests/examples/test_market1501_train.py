@@ -4,6 +4,8 @@
 import numpy as np
 import pytest
 
+import keras_dis
+
 from examples import common
 from examples.market1501 import train
 
@@ -16,6 +18,7 @@ EXPECTED_ROWS = [
     ("uniform", "3"),
     ("ftis", "3"),
     ("dis", "3"),
+    (keras_dis.losses.DEFAULT_METHOD, "3"),
 ]
 METRICS = ("mAP", "rank1", "accuracy")
 
