@@ -37,8 +37,10 @@ def test_plot_reads_the_csv_and_writes_a_png(tmp_path):
     series, backend = plot_accuracy.read_rows(path)
     assert backend == "jax"
     # Means over the two seeds, to float rounding.
-    assert series["dis T=4"] == [(6, pytest.approx(0.65)), (51, pytest.approx(0.65))]
-    assert series["full_kd T=4"] == [(1000, pytest.approx(0.75))]
+    # Work per sample: 3 dot products per row (forward and backward).
+    assert series["dis T=4"] == [(18, pytest.approx(0.65)), (153, pytest.approx(0.65))]
+    assert series["full_kd T=4"] == [(3000, pytest.approx(0.75))]
+    assert plot_accuracy.work_per_sample("pdbs", 1000, "10", 1000) == 1022
     output = os.path.join(tmp_path, "plot.png")
     plot_accuracy.main([path, "--output", output])
     with open(output, "rb") as file:

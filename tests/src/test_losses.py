@@ -362,3 +362,10 @@ class DISLossConformanceTest(testing.TestCase):
             reduction="sum", name="kd",
         )
         self.run_class_serialization_test(loss)
+
+
+def test_the_default_method_is_what_disloss_runs():
+    default, named = losses.DISLoss(k=10), losses.get(losses.DEFAULT_METHOD, k=10)
+    assert default.proposal_name == named.proposal_name
+    assert default.exact_top_count == named.exact_top_count
+    assert set(losses.PAPER_METHODS) <= set(losses.METHODS)

@@ -366,3 +366,31 @@ def test_targets_packed_for_more_classes_raise(path):
     )
     with pytest.raises(ValueError, match="ranks 12 classes"):
         model.fit(x, targets, epochs=1, verbose=0)
+
+
+SAMPLED_METHODS = [
+    name
+    for name, options in keras_dis.losses.METHODS.items()
+    if options["proposal"] in sampled_step.SAMPLED_PROPOSALS
+]
+
+
+@pytest.mark.parametrize("method", SAMPLED_METHODS)
+def test_every_sampled_estimator_trains_rows_and_checks_its_batch(method):
+    """Each estimator runs the same step: a bad batch raises and trains
+    nothing, and valid ones train the head by row-sparse updates."""
+    distiller = keras_dis.Distiller(None, make_student())
+    distiller.compile(optimizer="adam", loss=keras_dis.losses.get(method, k=3))
+    x, _, targets = problem()
+    bad_targets = targets.copy()
+    bad_targets[2, 0] = NUM_CLASSES + 3
+    assert_fit_raises(
+        distiller, distiller.student, feed("numpy", x[:16], bad_targets[:16]),
+        r"label=13",
+    )
+    head = distiller.student.get_layer("head")
+    kernel = np.array(head.kernel)
+    history = distiller.fit(x, targets, batch_size=16, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert head.row_sparse_optimizer is not None
+    assert not np.allclose(kernel, head.kernel)
