@@ -19,6 +19,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_dis.src import backend
+
 RANKS = "ranks"
 FRACTION = "fraction"
 
@@ -267,8 +269,10 @@ class LaplaceMixtureProposal(Proposal):
         Returns:
             A tensorflow-probability (NumPy substrate) distribution.
         """
-        from tensorflow_probability.substrates import numpy as tfp
+        with backend.tensorflow_probability_numpy() as tfp:
+            return self._mixture(tfp, num_classes, right_scale)
 
+    def _mixture(self, tfp, num_classes, right_scale):
         right_scale = self.right_scale if right_scale is None else right_scale
         if not right_scale > 0:
             raise ValueError(
@@ -299,19 +303,21 @@ class LaplaceMixtureProposal(Proposal):
         """
         edges = np.arange(num_classes + 1, dtype="float64")
         lower, upper = edges[:-1, None], edges[1:, None]
-        mixture = self.mixture(num_classes, right_scale)
-        components = mixture.components_distribution
-        locations = components.loc[None, :]
-        # A bin's mass as a CDF difference below a component's location and
-        # a survival difference above it: both stay accurate far in the
-        # tails, where a CDF difference would round to zero.
-        masses = np.where(
-            upper <= locations,
-            components.cdf(upper) - components.cdf(lower),
-            components.survival_function(lower)
-            - components.survival_function(upper),
-        )
-        probabilities = masses @ mixture.mixture_distribution.probs_parameter()
+        with backend.tensorflow_probability_numpy() as tfp:
+            mixture = self._mixture(tfp, num_classes, right_scale)
+            components = mixture.components_distribution
+            locations = components.loc[None, :]
+            # A bin's mass as a CDF difference below a component's location
+            # and a survival difference above it: both stay accurate far in
+            # the tails, where a CDF difference would round to zero.
+            masses = np.where(
+                upper <= locations,
+                components.cdf(upper) - components.cdf(lower),
+                components.survival_function(lower)
+                - components.survival_function(upper),
+            )
+            weights = mixture.mixture_distribution.probs_parameter()
+        probabilities = masses @ weights
         probabilities = probabilities / probabilities.sum()
         return probabilities.astype("float32")
 

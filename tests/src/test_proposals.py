@@ -246,3 +246,30 @@ def test_teacher_uniform_mixes_the_tempered_teacher_with_uniform(top_r):
 def test_teacher_uniform_bad_weight():
     with pytest.raises(ValueError, match="teacher_weight"):
         proposals.TeacherUniformProposal(teacher_weight=1.0)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "tensorflow", reason="TensorFlow is the backend"
+)
+def test_the_laplace_proposal_does_not_import_tensorflow():
+    """tensorflow-probability's NumPy substrate without TensorFlow: the
+    first head build on JAX or PyTorch does not pay TensorFlow's import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, keras_dis\n"
+        "head = keras_dis.SampledDistillationHead(50)\n"
+        "head(np.zeros((2, 4), 'float32'))\n"
+        "probabilities = keras_dis.proposals.LaplaceMixtureProposal()"
+        ".rank_probabilities(50)\n"
+        "assert abs(probabilities.sum() - 1) < 1e-5\n"
+        "print('tensorflow' in sys.modules)\n"
+        "import tensorflow\n"
+        "print(tensorflow.constant(1.0).numpy())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "1.0"], result.stdout

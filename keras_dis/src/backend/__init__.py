@@ -13,6 +13,9 @@ pairwise comparisons than from a sort (0: always sort),
 `READS_OPTIMIZER_VARIABLES_IN_STEP` and `MAY_DEFER_INPUT_ERRORS`.
 """
 
+import contextlib
+import sys
+
 import keras
 from keras import ops
 
@@ -53,6 +56,29 @@ def training_value(model, variable):
     """The value of `variable` in `model`'s training state."""
     del model
     return variable.value
+
+
+@contextlib.contextmanager
+def tensorflow_probability_numpy():
+    """Yields tensorflow-probability's NumPy substrate, without TensorFlow.
+
+    The substrate needs only NumPy, but its modules (loaded lazily, on first
+    use) try to import TensorFlow to copy its docstrings, and go on without
+    it when that fails: 5 s of start-up on JAX and PyTorch for nothing.
+    While TensorFlow is not imported and Keras runs on another backend,
+    imports of `tensorflow` inside this block fail, so use the distributions
+    inside it (their modules load then). TensorFlow imports normally after.
+    """
+    block = _BACKEND != "tensorflow" and "tensorflow" not in sys.modules
+    if block:
+        sys.modules["tensorflow"] = None
+    try:
+        from tensorflow_probability.substrates import numpy as tfp
+
+        yield tfp
+    finally:
+        if block and sys.modules.get("tensorflow", False) is None:
+            del sys.modules["tensorflow"]
 
 
 def after_step_loss():
