@@ -19,6 +19,10 @@ from keras_dis.src.losses import DISLoss
 from keras_dis.src.sampled_step import SAMPLED_PROPOSALS
 
 
+# Teacher-ranked classes kept per sample by an online teacher, by default.
+DEFAULT_TOP_R = 100
+
+
 @keras.saving.register_keras_serializable(package="keras_dis")
 class Distiller(keras.Model):
     """Trains a student to match a frozen teacher with sampled softmaxes.
@@ -69,8 +73,12 @@ class Distiller(keras.Model):
             `TeacherCache`); the distiller then holds no teacher.
         student: a `keras.Model` whose output layer is a
             `SampledDistillationHead` with `num_classes == C`.
-        top_r: optional int, how many teacher-ranked classes to keep per
-            sample when the teacher runs online (default: all `C`).
+        top_r: int in `[1, C]` or None, how many teacher-ranked classes to
+            keep per sample when the teacher runs online. None (the
+            default) keeps `min(DEFAULT_TOP_R, C)` = `min(100, C)`: the
+            ranking is a top-`k` selection, not a sort of all `C` classes,
+            and the sampled step's cost does not grow with `C`. Pass
+            `top_r=C` for the full ranking.
         row_sparse_updates: bool, update the head's rows lazily (see above)
             when the loss samples classes.
         name: model name.
@@ -132,6 +140,9 @@ class Distiller(keras.Model):
         self.teacher = teacher
         self.student = student
         self.top_r = top_r
+        self.ranked_classes = (
+            min(DEFAULT_TOP_R, self.head.num_classes) if top_r is None else top_r
+        )
         self.row_sparse_updates = row_sparse_updates
         # Calling the distiller only calls the student: built with it (which
         # callbacks such as BackupAndRestore require before `fit`).
@@ -264,7 +275,7 @@ class Distiller(keras.Model):
         teacher_logits = ops.stop_gradient(self.teacher(x, training=False))
         self._check_teacher_classes(teacher_logits.shape[-1])
         return targets_module.pack_teacher_targets(
-            ops.reshape(y, (-1,)), teacher_logits, self.top_r
+            ops.reshape(y, (-1,)), teacher_logits, self.ranked_classes
         )
 
     def compute_loss(

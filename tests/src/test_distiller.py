@@ -207,3 +207,26 @@ def test_head_is_found_in_nested_students():
     distiller = keras_dis.Distiller(make_teacher(x, teacher_logits), student)
     assert distiller.head is student.layers[-1]
     distiller.fit(x, labels, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("num_classes, expected", [(40, 40), (150, 100)])
+def test_an_online_teacher_ranks_at_most_100_classes_by_default(
+    num_classes, expected
+):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    teacher_logits = (x @ rng.normal(size=(8, num_classes))).astype("float32")
+    labels = teacher_logits.argmax(-1)
+    inputs = keras.Input((8,))
+    student = keras.Model(
+        inputs, keras_dis.SampledDistillationHead(num_classes)(inputs)
+    )
+    distiller = keras_dis.Distiller(make_teacher(x, teacher_logits), student)
+    assert distiller.ranked_classes == expected
+    targets = distiller.teacher_targets(x, labels)
+    assert tuple(targets.shape) == (64, 2 + 2 * expected)
+    distiller.compile(optimizer="adam", loss=keras_dis.DISLoss(k=5))
+    history = distiller.fit(x, labels, batch_size=16, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    full = keras_dis.Distiller(None, student, top_r=num_classes)
+    assert full.ranked_classes == num_classes
