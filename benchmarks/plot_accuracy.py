@@ -76,11 +76,73 @@ def read_rows(path):
     return {label: sorted(points) for label, points in series.items()}, backend
 
 
+def summary_table(path):
+    """Markdown tables of the CSV, one per temperature: one row per method
+    (and scheduler setting), a column for the methods that compute all `C`
+    logits and one per `k`; cells `mean (seed a/seed b/...)`, in percent.
+    `hard_labels` (no temperature) appears in every table.
+
+    Args:
+        path: a CSV written by `benchmarks/accuracy.py`.
+
+    Returns:
+        The tables as a string.
+    """
+    cells, temperatures, k_values, methods = defaultdict(list), set(), set(), []
+    with open(path) as file:
+        for row in csv.DictReader(file):
+            method = row["method"]
+            if method.startswith("dis") and row["scheduler"] != "True":
+                method += " (no scheduler)"
+            if row["extra"]:
+                method += f" ({row['extra']})"
+            if method not in methods:
+                methods.append(method)
+            temperature = (
+                None if method == "hard_labels" else float(row["temperature"])
+            )
+            k = int(row["k"]) if row["k"] else None
+            if temperature is not None:
+                temperatures.add(temperature)
+            if k is not None:
+                k_values.add(k)
+            cells[(method, temperature, k)].append(100 * float(row["test_top1"]))
+    k_values = sorted(k_values)
+    tables = []
+    for temperature in sorted(temperatures):
+        header = [f"T = {temperature:g}", "all C"] + [f"k = {k}" for k in k_values]
+        lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        for method in methods:
+            keys = [None] + k_values
+            row_temperature = None if method == "hard_labels" else temperature
+            values = [cells.get((method, row_temperature, k)) for k in keys]
+            if not any(values):
+                continue
+            lines.append(
+                "| " + " | ".join(
+                    [method]
+                    + [
+                        "" if not v else f"{statistics.mean(v):.1f} ("
+                        + "/".join(f"{x:.1f}" for x in v) + ")"
+                        for v in values
+                    ]
+                ) + " |"
+            )
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv", help="accuracy.py result file")
     parser.add_argument("--output", default="docs/accuracy.png")
+    parser.add_argument(
+        "--table", action="store_true",
+        help="also print the markdown summary table (mean (seeds), percent)",
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(summary_table(args.csv))
 
     series, backend = read_rows(args.csv)
     temperatures = sorted(

@@ -70,9 +70,12 @@ def _cosine(a, b):
     )
 
 
-def _effective_sample_fraction(logits, log_weights):
+def _effective_sample_fraction(logits, log_weights, repeats):
+    """ESS / (1 + k) of each subset, summed over the `repeats` copies of
+    the batch: `(batch,)`."""
     weights = ops.softmax(logits - log_weights, axis=-1)
-    return 1.0 / ops.sum(weights * weights, axis=-1) / logits.shape[-1]
+    fraction = 1.0 / ops.sum(weights * weights, axis=-1) / logits.shape[-1]
+    return ops.sum(ops.reshape(fraction, (repeats, -1)), axis=0)
 
 
 def estimator_diagnostics(
@@ -204,23 +207,11 @@ def estimator_diagnostics(
         subset_cosine = subset_cosine + ops.sum(
             _cosine(per_subset, exact[None]), axis=0
         )
-        teacher_ess = teacher_ess + ops.sum(
-            ops.reshape(
-                _effective_sample_fraction(
-                    teacher_logits / loss.temperature, log_weights
-                ),
-                (repeats, batch_size),
-            ),
-            axis=0,
+        teacher_ess = teacher_ess + _effective_sample_fraction(
+            teacher_logits / loss.temperature, log_weights, repeats
         )
-        student_ess = student_ess + ops.sum(
-            ops.reshape(
-                _effective_sample_fraction(
-                    subset_logits / loss.temperature, log_weights
-                ),
-                (repeats, batch_size),
-            ),
-            axis=0,
+        student_ess = student_ess + _effective_sample_fraction(
+            subset_logits / loss.temperature, log_weights, repeats
         )
         drawn += repeats
     expected_gradient = ops.reshape(gradient_sum, (batch_size, num_classes))

@@ -1,31 +1,20 @@
 """The accuracy benchmark runs end to end in `--quick` mode."""
 
-import csv
 import os
-import subprocess
 import sys
 
 import keras
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from tests.benchmarks import runner
+
+sys.path.insert(0, os.path.join(runner.ROOT, "benchmarks"))
 
 import accuracy  # noqa: E402
 
 
 def test_accuracy_quick_writes_one_row_per_run(tmp_path):
     output = os.path.join(tmp_path, "accuracy.csv")
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "accuracy.py"),
-         "--quick", "--output", output],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()),
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(output) as file:
-        rows = list(csv.DictReader(file))
+    rows, stdout = runner.run_benchmark("accuracy.py", "--quick", "--output", output)
     # hard_labels, full_kd at T=4, dis at k=5 with and without scheduler.
     runs = sorted((row["method"], row["k"], row["scheduler"]) for row in rows)
     assert runs == [
@@ -41,8 +30,8 @@ def test_accuracy_quick_writes_one_row_per_run(tmp_path):
         expected_rows = 1 + int(row["k"]) if row["method"] == "dis" else 200
         assert int(row["rows_per_sample"]) == expected_rows
         assert int(row["last_layer_flops_per_step"]) == 2 * 64 * expected_rows * 128
-    assert "| method | k | T | scheduler |" in result.stdout
-    assert "top-1 mean" in result.stdout
+    assert "| method | k | T | scheduler |" in stdout
+    assert "top-1 mean" in stdout
 
 
 def test_variants_add_runs_with_their_loss_arguments():

@@ -1,31 +1,18 @@
 """The benchmark runs end to end at toy sizes and writes its table."""
 
-import csv
 import os
-import subprocess
-import sys
 
 import keras
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.benchmarks import runner
+
 TOY_SIZES = ["--batch-size", "4", "--k", "2", "--top-r", "5", "--warmup", "1",
              "--repeats", "2"]
 
 
 def run_benchmark(*arguments):
-    """Runs benchmarks/head_step.py on this backend; its CSV rows and stdout."""
-    output = arguments[arguments.index("--output") + 1]
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "head_step.py"),
-         *TOY_SIZES, *arguments],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()),
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(output) as file:
-        return list(csv.DictReader(file)), result.stdout
+    """Runs benchmarks/head_step.py at toy sizes; its CSV rows and stdout."""
+    return runner.run_benchmark("head_step.py", *TOY_SIZES, *arguments)
 
 
 def test_head_step_writes_one_row_per_method(tmp_path):
