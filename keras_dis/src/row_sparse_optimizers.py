@@ -165,7 +165,7 @@ def sum_groups(values, leaders):
     Summing per group (not `(C, ...)`) keeps the cost at `O(n)`; every entry
     of a group gets the same sum, so the rows written for repeats agree.
     """
-    sums = ops.segment_sum(values, leaders, num_segments=ops.shape(values)[0])
+    sums = backend.segment_sum(values, leaders, ops.shape(values)[0])
     return backend.take_rows(sums, leaders)
 
 
@@ -358,16 +358,14 @@ class RowSparseOptimizer:
         are summed per class, and rows no entry touched keep their values
         and state."""
         num_classes = self.head.num_classes
-        touched = ops.segment_sum(
-            ops.ones_like(classes, "float32"), classes, num_segments=num_classes
+        touched = backend.segment_sum(
+            ops.ones_like(classes, "float32"), classes, num_classes
         )
         touched = ops.logical_and(touched > 0, valid)
         for parameter, slots, entry_gradient in zip(
             self.parameters, self.slots, entry_gradients
         ):
-            gradient = ops.segment_sum(
-                entry_gradient, classes, num_segments=num_classes
-            )
+            gradient = backend.segment_sum(entry_gradient, classes, num_classes)
             values = ops.stop_gradient(parameter.value)
             slot_values = None if slots is None else slots.value
             new_values, new_slots = update_rows(

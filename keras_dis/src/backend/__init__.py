@@ -6,6 +6,7 @@ Each backend module implements `scatter_rows(variable, indices, rows)` and
 `raise_input_error(error_code, error_value, num_classes)` (raise the
 `ValueError` of a failed input check from inside a compiled step).
 A backend module may also implement `take_rows(values, indices)`,
+`segment_sum(data, segment_ids, num_segments)`,
 `uniform(shape, seed_generator)` and `randint(shape, maxval, seed_generator)`
 where Keras's own op is slow on it; otherwise those are Keras's. It may set
 `PAIRWISE_RANK_MAX_SIZE`, the largest set whose ranks are cheaper from
@@ -93,6 +94,11 @@ def uniform(shape, seed_generator):
     return keras.random.uniform(shape, seed=seed_generator)
 
 
+def segment_sum(data, segment_ids, num_segments):
+    """Sums of the rows of `data` per segment id, `(num_segments, ...)`."""
+    return ops.segment_sum(data, segment_ids, num_segments=num_segments)
+
+
 def randint(shape, maxval, seed_generator):
     """Uniform int32 numbers in `[0, maxval)`."""
     return keras.random.randint(
@@ -130,6 +136,7 @@ elif _BACKEND == "torch":
     from keras_dis.src.backend.torch import raise_input_error
     from keras_dis.src.backend.torch import select  # noqa: F811
     from keras_dis.src.backend.torch import scatter_rows
+    from keras_dis.src.backend.torch import segment_sum  # noqa: F811
 else:
     raise ValueError(
         f"keras_dis supports the tensorflow, jax and torch backends. "

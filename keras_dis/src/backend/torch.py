@@ -28,6 +28,19 @@ def raise_input_error(error_code, error_value, num_classes):
     return True
 
 
+def segment_sum(data, segment_ids, num_segments):
+    """Sums of the rows of `data` per segment id by one `index_add`: Keras's
+    PyTorch `segment_sum` sorts and pads the segments (12 of the 35 ms of a
+    row-sparse step at `C = 1000`)."""
+    data = torch.as_tensor(data)
+    zeros = torch.zeros(
+        (int(num_segments),) + tuple(data.shape[1:]),
+        dtype=data.dtype,
+        device=data.device,
+    )
+    return zeros.index_add(0, torch.as_tensor(segment_ids).long(), data)
+
+
 def select(condition, values, other):
     """`values` if the scalar `condition` holds, else `other`: eagerly, a
     branch instead of an element-wise select over every row (a pass over
