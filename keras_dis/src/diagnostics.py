@@ -25,6 +25,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_dis.src import backend
 from keras_dis.src import sampled_softmax
 from keras_dis.src import teacher_targets as targets_module
 from keras_dis.src.sampled_step import SAMPLED_PROPOSALS
@@ -106,8 +107,9 @@ def estimator_diagnostics(
         A dict of float32 NumPy arrays of shape `(batch,)`:
         `"gradient_cosine"` (expected sampled vs exact logit gradient: the
         bias), `"subset_gradient_cosine"` (one subset's gradient vs the
-        exact one, averaged: bias and variance together), `"teacher_ess"` and `"student_ess"` (mean effective sample size of
-        the subsets as a fraction of `1 + k`).
+        exact one, averaged: bias and variance together), `"teacher_ess"`
+        and `"student_ess"` (mean effective sample size of the subsets as
+        a fraction of `1 + k`).
 
     Example:
 
@@ -169,7 +171,7 @@ def estimator_diagnostics(
     )
     repeated_logits = _repeat_rows(student_logits, repeats)
     seed_generator = keras.random.SeedGenerator(seed)
-    gradient_sum = ops.zeros((batch_size * num_classes,), "float32")
+    gradient_sum = ops.zeros((batch_size, num_classes), "float32")
     subset_cosine, teacher_ess, student_ess = 0.0, 0.0, 0.0
     drawn = 0
     while drawn < num_subsets:
@@ -190,7 +192,7 @@ def estimator_diagnostics(
             distillation_weight=loss.distillation_weight,
         )
         # Row `r * B + b` of the repeated batch is sample `b` again.
-        per_subset = ops.segment_sum(
+        per_subset = backend.segment_sum(
             ops.reshape(gradient, (-1,)),
             ops.reshape(
                 ops.arange(batch_size * repeats, dtype="int32")[:, None]
@@ -198,12 +200,10 @@ def estimator_diagnostics(
                 + subset,
                 (-1,),
             ),
-            num_segments=batch_size * repeats * num_classes,
+            batch_size * repeats * num_classes,
         )
         per_subset = ops.reshape(per_subset, (repeats, batch_size, num_classes))
-        gradient_sum = gradient_sum + ops.reshape(
-            ops.sum(per_subset, axis=0), (-1,)
-        )
+        gradient_sum = gradient_sum + ops.sum(per_subset, axis=0)
         subset_cosine = subset_cosine + ops.sum(
             _cosine(per_subset, exact[None]), axis=0
         )
@@ -214,8 +214,7 @@ def estimator_diagnostics(
             subset_logits / loss.temperature, log_weights, repeats
         )
         drawn += repeats
-    expected_gradient = ops.reshape(gradient_sum, (batch_size, num_classes))
-    cosine = _cosine(expected_gradient, exact)
+    cosine = _cosine(gradient_sum, exact)
     return {
         "gradient_cosine": np.asarray(ops.convert_to_numpy(cosine)),
         "subset_gradient_cosine": np.asarray(

@@ -140,13 +140,18 @@ class Distiller(keras.Model):
         self.teacher = teacher
         self.student = student
         self.top_r = top_r
-        self.ranked_classes = (
-            min(DEFAULT_TOP_R, self.head.num_classes) if top_r is None else top_r
-        )
         self.row_sparse_updates = row_sparse_updates
         # Calling the distiller only calls the student: built with it (which
         # callbacks such as BackupAndRestore require before `fit`).
         self.built = student.built
+
+    @property
+    def ranked_classes(self):
+        """Teacher-ranked classes packed per sample by an online teacher:
+        `top_r`, or `min(DEFAULT_TOP_R, C)`."""
+        if self.top_r is None:
+            return min(DEFAULT_TOP_R, self.head.num_classes)
+        return self.top_r
 
     def _check_teacher_classes(self, teacher_classes):
         if teacher_classes != self.head.num_classes:

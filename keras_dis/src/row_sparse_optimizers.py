@@ -169,6 +169,12 @@ def sum_groups(values, leaders):
     return backend.take_rows(sums, leaders)
 
 
+def _where_rows(row_mask, new_values, values):
+    """`new_values` in the rows where `row_mask` `(C,)` holds, else `values`."""
+    mask = ops.reshape(row_mask, (-1,) + (1,) * (len(values.shape) - 1))
+    return ops.where(mask, new_values, values)
+
+
 def add_slot(layer, name, shape, dtype="float32"):
     """A zero-initialised, non-trainable weight of `layer` for optimizer
     state (never autocast: the state stays float32 under mixed precision)."""
@@ -334,7 +340,7 @@ class RowSparseOptimizer:
                 self.optimizer,
                 parameter_rows,
                 gradient,
-                {name: slot_rows[:, i] for i, name in enumerate(self.slot_names)},
+                self._split_slots(slot_rows),
                 step,
                 learning_rate,
             )
@@ -344,13 +350,12 @@ class RowSparseOptimizer:
                 backend.select(valid, new_rows, parameter_rows),
             )
             if slots is not None:
-                new_slot_rows = ops.stack(
-                    [new_slots[name] for name in self.slot_names], axis=1
-                )
                 backend.scatter_rows(
                     slots,
                     classes,
-                    backend.select(valid, new_slot_rows, slot_rows),
+                    backend.select(
+                        valid, self._stack_slots(new_slots), slot_rows
+                    ),
                 )
 
     def _update_every_row(self, classes, entry_gradients, valid, step, learning_rate):
@@ -372,20 +377,22 @@ class RowSparseOptimizer:
                 self.optimizer,
                 values,
                 gradient,
-                {
-                    name: slot_values[:, i]
-                    for i, name in enumerate(self.slot_names)
-                },
+                self._split_slots(slot_values),
                 step,
                 learning_rate,
             )
-            mask = ops.reshape(touched, (-1,) + (1,) * (len(values.shape) - 1))
-            parameter.assign(ops.where(mask, new_values, values))
+            parameter.assign(_where_rows(touched, new_values, values))
             if slots is not None:
-                new_slot_values = ops.stack(
-                    [new_slots[name] for name in self.slot_names], axis=1
+                slots.assign(
+                    _where_rows(
+                        touched, self._stack_slots(new_slots), slot_values
+                    )
                 )
-                slot_mask = ops.reshape(
-                    touched, (-1,) + (1,) * (len(slot_values.shape) - 1)
-                )
-                slots.assign(ops.where(slot_mask, new_slot_values, slot_values))
+
+    def _split_slots(self, slot_rows):
+        """`{slot name: rows}` from the stacked `(n, num_slots, ...)` rows."""
+        return {name: slot_rows[:, i] for i, name in enumerate(self.slot_names)}
+
+    def _stack_slots(self, slots):
+        """The stacked `(n, num_slots, ...)` rows of `{slot name: rows}`."""
+        return ops.stack([slots[name] for name in self.slot_names], axis=1)
