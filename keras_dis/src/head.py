@@ -8,6 +8,7 @@ from keras_dis.src import backend
 from keras_dis.src import input_checks
 from keras_dis.src import proposals as proposals_module
 from keras_dis.src import row_sparse_optimizers
+from keras_dis.src import sampled_softmax
 from keras_dis.src import sampled_step
 
 _SEED_STATE_KEY = "seed_generator_state"
@@ -396,9 +397,10 @@ class SampledDistillationHead(keras.layers.Layer):
         self.right_scale.assign(float(right_scale))
         self.rank_proposal.assign(probabilities)
 
-    def full_logits(self, features):
-        """Logits of every class, `(batch, num_classes)`."""
-        kernel = ops.cast(self.kernel, features.dtype)
+    def full_logits(self, features, kernel=None):
+        """Logits of every class, `(batch, num_classes)` (from `kernel`, the
+        head's by default)."""
+        kernel = ops.cast(self.kernel if kernel is None else kernel, features.dtype)
         logits = ops.matmul(features, ops.transpose(kernel))
         if self.use_bias:
             logits = logits + ops.cast(self.bias, features.dtype)
@@ -419,6 +421,33 @@ class SampledDistillationHead(keras.layers.Layer):
             backend.take_rows(self.bias, classes) if self.use_bias else None
         )
         return kernel_rows, bias_rows
+
+    def subset_logits(self, features, classes):
+        """Logits of the classes of a sampled subset, and the rows used.
+
+        With few classes (`sampled_softmax.computes_every_class`), all
+        logits come from one matmul and the subset's are picked from them,
+        which is cheaper than gathering `batch * n` rows; no rows are then
+        returned.
+
+        Args:
+            features: float tensor `(batch, d)`.
+            classes: int tensor `(batch, n)` of class ids.
+
+        Returns:
+            A tuple `(logits, rows)`: the `(batch, n)` logits, and the
+            result of `gather_rows(classes)` or None.
+        """
+        if sampled_softmax.computes_every_class(self.num_classes, classes.shape):
+            logits = self.full_logits(
+                features, backend.stable_value(self.kernel)
+            )
+            logits = ops.take_along_axis(
+                logits, ops.cast(classes, "int32"), axis=-1
+            )
+            return logits, None
+        rows = self.gather_rows(classes)
+        return self.sampled_logits(features, classes, rows), rows
 
     def sampled_logits(self, features, classes, rows=None):
         """Logits of the given classes only.

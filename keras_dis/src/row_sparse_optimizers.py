@@ -25,6 +25,7 @@ import keras
 from keras import ops
 
 from keras_dis.src import backend
+from keras_dis.src import sampled_softmax
 
 SUPPORTED_OPTIMIZERS = (
     keras.optimizers.SGD,
@@ -169,6 +170,20 @@ def sum_groups(values, leaders):
     return backend.take_rows(sums, leaders)
 
 
+def updates_every_row(classes_shape, num_classes):
+    """Whether a step whose subset has shape `classes_shape` `(batch, n)`
+    updates all `num_classes` rows at once (masked to the touched ones).
+
+    With at least as many entries as classes (few classes: `C = 1000` with
+    `B * (k + 1) = 2816` entries), one pass over the `C` rows costs less
+    than a pass per entry.
+    """
+    batch_size, subset_size = classes_shape
+    if batch_size is None or subset_size is None:
+        return False
+    return num_classes <= batch_size * subset_size
+
+
 def _where_rows(row_mask, new_values, values):
     """`new_values` in the rows where `row_mask` `(C,)` holds, else `values`."""
     mask = ops.reshape(row_mask, (-1,) + (1,) * (len(values.shape) - 1))
@@ -280,7 +295,9 @@ class RowSparseOptimizer:
                 the (reduced) loss with respect to each of those logits.
             features: float tensor `(batch, d)`, the head's input.
             rows: the `(kernel_rows, bias_rows)` the logits were computed
-                from (`head.gather_rows(classes)`), reused here.
+                from (`head.gather_rows(classes)`), reused here, or None
+                when they came from all logits (`head.subset_logits`: then
+                every row is updated at once and no rows are needed).
             valid: bool scalar tensor, whether the step may update at all
                 (its inputs passed their checks). The update is also
                 skipped when the features or gradients are not finite (an
@@ -300,28 +317,16 @@ class RowSparseOptimizer:
             ops.logical_and(valid, ops.all(ops.isfinite(features))),
             ops.all(ops.isfinite(logit_gradients)),
         )
-        classes = ops.reshape(ops.cast(classes, "int32"), (-1,))
-        # d loss / d kernel[c] = sum over entries of class c of g * features.
-        entry_gradients = [
-            ops.reshape(
-                logit_gradients[:, :, None] * features[:, None, :],
-                (-1, features.shape[-1]),
-            )
-        ]
-        if self.head.use_bias:
-            entry_gradients.append(ops.reshape(logit_gradients, (-1,)))
         step = self.step.value + ops.cast(valid, "float32")
         self.step.assign(step)
         learning_rate = self.learning_rate(ops.maximum(step, 1.0))
-        num_entries = classes.shape[0]
-        if num_entries is not None and num_entries >= self.head.num_classes:
-            # More entries than classes (few classes, e.g. C = 1000 with
-            # B * (k + 1) = 5376): updating every row once, lazily, is less
-            # work than updating each entry.
+        if updates_every_row(classes.shape, self.head.num_classes):
             self._update_every_row(
-                classes, entry_gradients, valid, step, learning_rate
+                classes, logit_gradients, features, valid, step, learning_rate
             )
             return
+        classes = ops.reshape(ops.cast(classes, "int32"), (-1,))
+        entry_gradients = self._entry_gradients(logit_gradients, features)
         leaders = group_leaders(classes, self.group_leaders)
         gradients = [sum_groups(g, leaders) for g in entry_gradients]
         for parameter, slots, gradient, parameter_rows in zip(
@@ -358,19 +363,42 @@ class RowSparseOptimizer:
                     ),
                 )
 
-    def _update_every_row(self, classes, entry_gradients, valid, step, learning_rate):
-        """The same lazy update, computed for all `C` rows: the gradients
-        are summed per class, and rows no entry touched keep their values
-        and state."""
+    def _update_every_row(
+        self, classes, logit_gradients, features, valid, step, learning_rate
+    ):
+        """The same lazy update, computed for all `C` rows at once; rows no
+        entry touched keep their values and state."""
         num_classes = self.head.num_classes
+        batch_size = ops.shape(classes)[0]
+        classes = ops.cast(classes, "int32")
+        flat_classes = ops.reshape(classes, (-1,))
         touched = backend.segment_sum(
-            ops.ones_like(classes, "float32"), classes, num_classes
+            ops.ones_like(flat_classes, "float32"), flat_classes, num_classes
         )
         touched = ops.logical_and(touched > 0, valid)
-        for parameter, slots, entry_gradient in zip(
-            self.parameters, self.slots, entry_gradients
+        if sampled_softmax.computes_every_class(num_classes, classes.shape):
+            # The logit gradients summed per sample and class, `(batch, C)`,
+            # times the features: one small matmul.
+            sample_offsets = ops.arange(batch_size, dtype="int32")[:, None]
+            class_gradients = ops.reshape(
+                backend.segment_sum(
+                    ops.reshape(logit_gradients, (-1,)),
+                    ops.reshape(classes + sample_offsets * num_classes, (-1,)),
+                    batch_size * num_classes,
+                ),
+                (batch_size, num_classes),
+            )
+            gradients = [ops.matmul(ops.transpose(class_gradients), features)]
+            if self.head.use_bias:
+                gradients.append(ops.sum(class_gradients, axis=0))
+        else:
+            gradients = [
+                backend.segment_sum(g, flat_classes, num_classes)
+                for g in self._entry_gradients(logit_gradients, features)
+            ]
+        for parameter, slots, gradient in zip(
+            self.parameters, self.slots, gradients
         ):
-            gradient = backend.segment_sum(entry_gradient, classes, num_classes)
             values = ops.stop_gradient(parameter.value)
             slot_values = None if slots is None else slots.value
             new_values, new_slots = update_rows(
@@ -388,6 +416,20 @@ class RowSparseOptimizer:
                         touched, self._stack_slots(new_slots), slot_values
                     )
                 )
+
+    def _entry_gradients(self, logit_gradients, features):
+        """Each entry's gradients of the kernel (and bias) rows, flat:
+        d loss / d kernel[c] is the sum over the entries of class c of
+        `g * features`."""
+        gradients = [
+            ops.reshape(
+                logit_gradients[:, :, None] * features[:, None, :],
+                (-1, features.shape[-1]),
+            )
+        ]
+        if self.head.use_bias:
+            gradients.append(ops.reshape(logit_gradients, (-1,)))
+        return gradients
 
     def _split_slots(self, slot_rows):
         """`{slot name: rows}` from the stacked `(n, num_slots, ...)` rows."""

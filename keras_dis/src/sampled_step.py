@@ -10,7 +10,9 @@ needs. For a sampled proposal (DIS, FTIS, uniform) one step is, in order:
 2. draw `k` classes per sample by teacher rank from the proposal
    (`proposal.log_bin_probabilities`, `sampled_softmax.sample_classes`);
 3. gather the kernel rows and biases of the target and the drawn classes
-   (`head.gather_rows`), `B x (k + 1)` rows, and compute their logits;
+   (`head.gather_rows`), `B x (k + 1)` rows, and compute their logits
+   (with few classes, all `C` logits by one matmul instead:
+   `head.subset_logits`);
 4. the self-normalised importance-sampling estimator of the loss
    (`sampled_softmax.distillation_cross_entropy`) and, in closed form, its
    gradient with respect to those logits;
@@ -186,11 +188,12 @@ def _sampled_losses(head, features, targets, loss, error_code, sample_weight):
         exact_top=exact_top,
         seed_generator=head.seed_generator,
     )
-    # 3. Gather the rows of the target and the drawn classes.
-    rows = head.gather_rows(subset)
+    # 3. The logits of the target and the drawn classes, from their
+    # gathered rows (or, with few classes, from all logits).
+    student_logits, rows = head.subset_logits(features, subset)
     # 4. The importance-sampling estimator over the subset.
     estimator_inputs = {
-        "student_logits": head.sampled_logits(features, subset, rows),
+        "student_logits": student_logits,
         "teacher_logits": teacher_logits,
         "temperature": loss.temperature,
         "log_proposal": log_weights,

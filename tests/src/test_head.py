@@ -72,6 +72,25 @@ def test_sampled_logits_equal_gathered_full_logits():
     )
 
 
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_subset_logits_equal_gathered_full_logits(batch_size):
+    # 7 classes: from all logits with 4 samples of 3 entries, from gathered
+    # rows with one sample.
+    head = build_head()
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(batch_size, 4)).astype("float32")
+    classes = rng.integers(0, 7, (batch_size, 3)).astype("int32")
+    logits, rows = head.subset_logits(features, classes)
+    assert (rows is None) == (batch_size == 4)
+    full = ops.convert_to_numpy(head(features))
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(logits),
+        np.take_along_axis(full, classes, axis=-1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 def test_training_call_passes_features_tagged_with_the_head():
     head, other = build_head(), build_head()
     features = np.ones((2, 4), "float32")

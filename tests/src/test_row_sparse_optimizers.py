@@ -97,6 +97,33 @@ def test_row_sparse_sgd_equals_dense_sgd():
     ).max() > 1e-3
 
 
+@pytest.mark.parametrize(
+    "row_sparse_updates, optimizer",
+    # Dense updates with SGD: on TensorFlow, Keras's Adam squares the
+    # gradient of gathered rows per entry (`tf.IndexedSlices`), not per row.
+    [(True, "adam"), (False, "sgd")],
+)
+def test_every_class_path_takes_the_same_steps_as_gathered_rows(
+    monkeypatch, row_sparse_updates, optimizer
+):
+    """40 classes, subsets of 6: the step computes all logits and a dense
+    head gradient; forcing it to gather rows trains the same weights."""
+    from keras_dis.src import sampled_softmax
+
+    optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
+    assert sampled_softmax.computes_every_class(40, (64, 6))
+    every_class = distill(row_sparse_updates, optimizers[optimizer](0.05))
+    monkeypatch.setattr(sampled_softmax, "EVERY_CLASS_MAX_CLASSES_PER_ENTRY", 0)
+    assert not sampled_softmax.computes_every_class(40, (64, 6))
+    gathered = distill(row_sparse_updates, optimizers[optimizer](0.05))
+    for every_class_weight, gathered_weight in zip(
+        every_class.student.get_weights(), gathered.student.get_weights()
+    ):
+        np.testing.assert_allclose(
+            every_class_weight, gathered_weight, rtol=1e-4, atol=1e-5
+        )
+
+
 def test_lazy_adam_leaves_untouched_rows_and_state_alone():
     # 16 samples, one step, 1 uniform draw each: at most 32 of 40 classes.
     before = distill(True, keras.optimizers.Adam(0.0), num_examples=16,
@@ -276,21 +303,32 @@ def test_keras_optimizer_holds_no_class_sized_state():
     assert any(40 in tuple(v.shape) for v in dense.optimizer.variables)
 
 
-@pytest.mark.parametrize("num_classes", [6, 40])
+@pytest.mark.parametrize(
+    "num_classes, batch_size",
+    [
+        (6, 2),  # every row at once, the kernel gradient by a matmul
+        (100, 20),  # every row at once, from per-entry gradients
+        (40, 2),  # each entry's row
+    ],
+)
 def test_lazy_adam_matches_numpy_with_fewer_or_more_classes_than_entries(
-    num_classes,
+    num_classes, batch_size
 ):
-    """10 entries: with 6 classes every row is updated at once (masked),
-    with 40 each entry's row; both are the same lazy Adam step."""
+    """Subsets of 5 entries: with at most as many classes as entries every
+    row is updated at once (masked), else each entry's row; each is the
+    same lazy Adam step."""
     from keras_dis.src.head import SampledDistillationHead
+    from keras_dis.src.sampled_softmax import computes_every_class
 
     rng = np.random.default_rng(0)
     head = SampledDistillationHead(num_classes)
     head.build((None, 3))
     head.enable_row_sparse_updates(keras.optimizers.Adam(0.1))
-    classes = np.array([[0, 1, 1, 4, 2], [4, 4, 0, 2, 1]], "int32")
-    logit_gradients = rng.normal(size=(2, 5)).astype("float32")
-    features = rng.normal(size=(2, 3)).astype("float32")
+    classes = rng.integers(0, min(num_classes, 12), (batch_size, 5)).astype("int32")
+    classes[0, :2] = classes[0, 2]  # a repeat within a sample
+    logit_gradients = rng.normal(size=(batch_size, 5)).astype("float32")
+    features = rng.normal(size=(batch_size, 3)).astype("float32")
+    assert computes_every_class(num_classes, classes.shape) == (num_classes == 6)
     kernel = np.array(head.kernel)
     bias = np.array(head.bias)
     tensors = [ops.convert_to_tensor(a) for a in (classes, logit_gradients, features)]

@@ -394,3 +394,13 @@ def test_exact_top_estimates_the_normaliser_without_bias():
     np.testing.assert_allclose(
         mean_estimate, np.exp(student_logits).sum(-1), rtol=0.02
     )
+
+
+def test_computes_every_class_with_few_classes_only():
+    # 16 classes per subset entry at most, and no more than the batch's
+    # entries; an unknown batch size always gathers rows.
+    assert sampled_softmax.computes_every_class(100, (256, 11))
+    assert sampled_softmax.computes_every_class(176, (256, 11))
+    assert not sampled_softmax.computes_every_class(177, (256, 11))
+    assert not sampled_softmax.computes_every_class(100, (8, 11))
+    assert not sampled_softmax.computes_every_class(10, (None, 11))

@@ -7,8 +7,8 @@ Each backend module implements `scatter_rows(variable, indices, rows)` and
 `ValueError` of a failed input check from inside a compiled step).
 A backend module may also implement `take_rows(values, indices)`,
 `segment_sum(data, segment_ids, num_segments)`,
-`uniform(shape, seed_generator)` and `randint(shape, maxval, seed_generator)`
-where Keras's own op is slow on it; otherwise those are Keras's. It may set
+`uniform(shape, seed_generator)`, `randint(shape, maxval, seed_generator)`
+and `stable_value(variable)` where Keras's own op is slow or unsafe on it; otherwise those are Keras's. It may set
 `PAIRWISE_RANK_MAX_SIZE`, the largest set whose ranks are cheaper from
 pairwise comparisons than from a sort (0: always sort),
 `READS_OPTIMIZER_VARIABLES_IN_STEP` and `MAY_DEFER_INPUT_ERRORS`.
@@ -35,6 +35,12 @@ def take_rows(values, indices):
     return ops.take(values, indices, axis=0)
 
 _BACKEND = keras.backend.backend()
+
+
+def stable_value(variable):
+    """`variable`'s value now, safe to differentiate through when the step
+    later writes the variable in place (a row update)."""
+    return variable.value
 
 
 def can_read_variables(variable):
@@ -137,6 +143,7 @@ elif _BACKEND == "torch":
     from keras_dis.src.backend.torch import select  # noqa: F811
     from keras_dis.src.backend.torch import scatter_rows
     from keras_dis.src.backend.torch import segment_sum  # noqa: F811
+    from keras_dis.src.backend.torch import stable_value  # noqa: F811
 else:
     raise ValueError(
         f"keras_dis supports the tensorflow, jax and torch backends. "
@@ -155,6 +162,7 @@ __all__ = [
     "randint",
     "scatter_rows",
     "select",
+    "stable_value",
     "take_rows",
     "uniform",
 ]

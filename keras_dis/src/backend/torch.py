@@ -46,3 +46,10 @@ def select(condition, values, other):
     branch instead of an element-wise select over every row (a pass over
     the gathered rows and their optimizer state, ~10% of the step)."""
     return values if bool(condition) else other
+
+
+def stable_value(variable):
+    """A copy of `variable`'s value: autograd saves the tensors a product
+    needs for its backward pass, and the in-place row update of the same
+    step (`scatter_rows`, `Variable.assign`) would change them first."""
+    return variable.value.clone()
