@@ -13,6 +13,12 @@ student with a trainable body and Adam (learning rate 1e-3), per method:
   targets: `y` is the labels and the teacher (a frozen copy of the
   student's architecture, random weights) runs on every batch, inside the
   timed step (column `teacher_online`);
+- `online`: the default `keras_dis.DISLoss(k=k)` on `keras_dis.Distiller(
+  teacher, student)` fed labels, so the same teacher as `keras_distiller`
+  runs on every batch (inference mode, its top `min(100, C)` classes
+  ranked, `Distiller.ranked_classes`), inside the timed step; its ratio is
+  also printed against `keras_distiller` (column
+  `keras_distiller_over_method`);
 - `uniform`, `ftis`, `dis`: the paper's sampled methods
   (`keras_dis.losses.get(method, k=k)`) on `keras_dis.Distiller(None,
   student)` with packed teacher targets; the head's touched rows are
@@ -60,12 +66,26 @@ GPU; always `jax.jit` on JAX; eager on PyTorch. `--xla on` / `off` forces
 estimated memory (`estimated_memory_gb`) exceeds `--max-memory-gb` is not
 run ("skipped (memory)").
 
-Prints, per student, a markdown table of ms/step and the ratio full KD /
-method at each C (same backend, same run), and one of peak RSS; writes one
-CSV row per configuration.
+Traffic floor: the run first measures this machine's copy bandwidth
+(`copy_bandwidth_gb_per_s`, a STREAM-like copy, bytes read plus written),
+and each configuration counts the bytes its step must move at the least
+(`traffic_floor_bytes`: the updated parameters with their gradients' Adam
+moments read and written once, for a sampled head only the `B * (k + 1)`
+touched rows; the inputs and features; a full softmax's logits); `floor_ms`
+is their ratio. Memory: `state_mb` is the student's parameters with their
+two Adam moments plus an online teacher's parameters; the tables print the
+peak RSS growth over the process before the model against it.
 
-    KERAS_BACKEND=jax python benchmarks/fit_step.py \\
-        --output benchmarks/results/fit_step_jax_cpu.csv
+`--backends` runs the same configurations on several Keras backends (each
+in its own process) in one run, and adds a table of each backend's default
+step against the fastest full-KD step of any backend.
+
+Prints, per backend and student, markdown tables of ms/step and the ratio
+full KD / method at each C (same backend, same run), of the traffic floor
+and of peak RSS; writes one CSV row per configuration.
+
+    python benchmarks/fit_step.py --backends tensorflow jax torch \\
+        --classes 100000 1000000 --methods full_kd online default
     KERAS_BACKEND=tensorflow python benchmarks/fit_step.py --students cnn \\
         --classes 1000 100000 --methods full_kd keras_distiller default
     KERAS_BACKEND=torch python benchmarks/fit_step.py --quick --output /tmp/f.csv
@@ -93,6 +113,7 @@ from head_step import reset_peak_rss
 METHODS = (
     "full_kd",
     "keras_distiller",
+    "online",
     "uniform",
     "ftis",
     "dis",
@@ -107,6 +128,8 @@ FEATURES_DIM = {"mlp": 512, "cnn": 256}
 # that compute every logit.
 DENSE_HEAD_METHODS = ("full_kd", "keras_distiller", "dis_dense")
 FULL_SOFTMAX_METHODS = ("full_kd", "keras_distiller")
+# Methods fed labels, whose teacher runs in the step.
+TEACHER_ONLINE_METHODS = ("keras_distiller", "online")
 # Applied by `--quick` to the arguments not given on the command line.
 QUICK_DEFAULTS = {
     "students": ["mlp"],
@@ -120,8 +143,10 @@ QUICK_DEFAULTS = {
 CSV_FIELDS = (
     "backend", "machine", "student", "method", "estimator", "teacher_online",
     "num_classes", "features_dim", "k", "top_r", "batch_size", "xla",
-    "warmup", "repeats", "ms_per_step", "full_kd_over_method", "peak_rss_mb",
-    "baseline_rss_mb", "estimated_memory_gb", "status",
+    "warmup", "repeats", "ms_per_step", "full_kd_over_method",
+    "keras_distiller_over_method", "peak_rss_mb", "baseline_rss_mb",
+    "state_mb", "estimated_memory_gb", "traffic_floor_mb", "copy_gb_per_s",
+    "floor_ms", "status",
 )
 
 
@@ -152,9 +177,68 @@ def estimated_memory_gb(method, num_classes, features_dim, batch_size):
         total += 2 * head_bytes
     if method in FULL_SOFTMAX_METHODS:
         total += 4 * logits_bytes
-    if method == "keras_distiller":
+    if method in TEACHER_ONLINE_METHODS:
         total += head_bytes + 2 * logits_bytes
     return total / 2**30
+
+
+def copy_bandwidth_gb_per_s(size_mb=256, repeats=5):
+    """This machine's memory bandwidth as a STREAM-like copy measures it.
+
+    Copies a `size_mb` float32 array into another (both touched first),
+    `repeats` times, and counts the bytes read plus the bytes written of the
+    fastest copy.
+
+    Returns:
+        GB/s (1e9 bytes per second), a float.
+    """
+    import numpy as np
+
+    source = np.ones(size_mb * 2**20 // 4, "float32")
+    target = np.zeros_like(source)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.nbytes / best / 1e9
+
+
+def traffic_floor_bytes(
+    method, num_classes, features_dim, batch_size, k, body_parameters,
+    teacher_parameters, input_size,
+):
+    """The bytes one training step must move at the least, fused perfectly.
+
+    Counts each parameter the step updates, with its gradient applied and
+    its two Adam moments, read and written once (the head's rows: all `C`
+    for a dense head update, else the `B * (k + 1)` rows of the sampled
+    entries); the teacher's parameters read once (teacher online); the
+    inputs and the head's features read, the features written; and for a
+    full softmax the `B x C` logits written and read back.
+
+    Args:
+        method: one of `METHODS`.
+        num_classes, features_dim, batch_size, k: ints, `C`, `d`, `B`, `k`.
+        body_parameters: int, the student's trainable parameters besides
+            its head's kernel and bias.
+        teacher_parameters: int, 0 without an online teacher.
+        input_size: int, the numbers in one example's input.
+
+    Returns:
+        An int.
+    """
+    rows = (
+        num_classes
+        if method in DENSE_HEAD_METHODS
+        else min(batch_size * (k + 1), num_classes)
+    )
+    updated = rows * (features_dim + 1) + body_parameters
+    total = updated * 4 * 3 * 2 + teacher_parameters * 4
+    total += batch_size * (input_size + 2 * features_dim) * 4
+    if method in FULL_SOFTMAX_METHODS:
+        total += 2 * batch_size * num_classes * 4
+    return total
 
 
 def make_data(student, num_examples, num_classes, top_r, seed=0):
@@ -256,6 +340,17 @@ def build_model(method, student, num_classes, k, jit_compile):
             jit_compile=jit_compile,
         )
         return model, "keras"
+    if method == "online":
+        model = keras_dis.Distiller(
+            build_student(student, keras.layers.Dense(num_classes)),
+            build_student(student, keras_dis.SampledDistillationHead(num_classes, seed=0)),
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss=keras_dis.DISLoss(k=k),
+            jit_compile=jit_compile,
+        )
+        return model, keras_dis.losses.DEFAULT_METHOD
     if method == "head_optimizer":
         model = build_student(
             student,
@@ -318,7 +413,7 @@ def run_worker(args):
     student, method = args.students[0], args.methods[0]
     top_r = min(args.top_r, classes)
     x, labels, targets = make_data(student, args.num_batches * batch, classes, top_r)
-    y = labels if method == "keras_distiller" else targets
+    y = labels if method in TEACHER_ONLINE_METHODS else targets
     # Start the backend's runtime and import tensorflow-probability's NumPy
     # substrate (the DIS proposal's) before the baseline, as head_step.py.
     keras.ops.convert_to_numpy(keras.ops.sum(keras.ops.ones((8, 8))))
@@ -335,10 +430,30 @@ def run_worker(args):
         verbose=0, callbacks=[timer],
     )
     timed = timer.times[args.warmup : steps]
+    student_model = getattr(model, "student", model)
+    head_weights = {id(w) for w in student_model.layers[-1].weights}
+    body_parameters = sum(
+        int(np.prod(w.shape))
+        for w in student_model.trainable_weights
+        if id(w) not in head_weights
+    )
+    head_parameters = classes * (FEATURES_DIM[student] + 1)
+    teacher = getattr(model, "teacher", None)
+    teacher_parameters = 0 if teacher is None else teacher.count_params()
+    floor_bytes = traffic_floor_bytes(
+        method, classes, FEATURES_DIM[student], batch, args.k, body_parameters,
+        teacher_parameters, int(np.prod(x.shape[1:])),
+    )
     print(
         json.dumps(
             {
                 "estimator": estimator,
+                "traffic_floor_mb": floor_bytes / 2**20,
+                # The student's parameters with their two Adam moments,
+                # and the teacher's.
+                "state_mb": (
+                    3 * (body_parameters + head_parameters) + teacher_parameters
+                ) * 4 / 2**20,
                 "xla": bool(model.jit_compile),
                 "ms_per_step": 1000 * float(np.median(timed)),
                 "peak_rss_mb": peak_rss_mb(),
@@ -372,7 +487,7 @@ def run_config(args, backend, student, method, num_classes):
         "student": student,
         "method": method,
         "estimator": "",
-        "teacher_online": method == "keras_distiller",
+        "teacher_online": method in TEACHER_ONLINE_METHODS,
         "num_classes": num_classes,
         "features_dim": FEATURES_DIM[student],
         "k": args.k,
@@ -383,9 +498,14 @@ def run_config(args, backend, student, method, num_classes):
         "repeats": args.repeats,
         "ms_per_step": "",
         "full_kd_over_method": "",
+        "keras_distiller_over_method": "",
         "peak_rss_mb": "",
         "baseline_rss_mb": "",
         "estimated_memory_gb": round(memory_gb, 3),
+        "traffic_floor_mb": "",
+        "copy_gb_per_s": args.copy_gb_per_s,
+        "floor_ms": "",
+        "state_mb": "",
         "status": "ok",
     }
     if memory_gb > args.max_memory_gb:
@@ -427,23 +547,40 @@ def run_config(args, backend, student, method, num_classes):
 
 
 def add_ratios(rows):
-    """Sets `full_kd_over_method`: full KD's ms/step over the row's, at the
-    same student and C (empty where either was not measured)."""
+    """Sets `full_kd_over_method`, full KD's ms/step over the row's at the
+    same student and C (empty where either was not measured), the same
+    against `keras_distiller` for the methods whose teacher runs online,
+    and `floor_ms`, the traffic floor at the measured copy bandwidth."""
     full_kd = {
-        (row["student"], row["num_classes"]): row["ms_per_step"]
+        (row["backend"], row["student"], row["num_classes"]): row["ms_per_step"]
         for row in rows
         if row["method"] == "full_kd" and row["status"] == "ok"
     }
+    keras_distiller = {
+        (row["backend"], row["student"], row["num_classes"]): row["ms_per_step"]
+        for row in rows
+        if row["method"] == "keras_distiller" and row["status"] == "ok"
+    }
     for row in rows:
-        full_ms = full_kd.get((row["student"], row["num_classes"]))
-        if full_ms is not None and row["status"] == "ok":
-            row["full_kd_over_method"] = full_ms / row["ms_per_step"]
+        if row["status"] != "ok":
+            continue
+        key = (row["backend"], row["student"], row["num_classes"])
+        if key in full_kd:
+            row["full_kd_over_method"] = full_kd[key] / row["ms_per_step"]
+        if key in keras_distiller and row["method"] in TEACHER_ONLINE_METHODS:
+            row["keras_distiller_over_method"] = (
+                keras_distiller[key] / row["ms_per_step"]
+            )
+        row["floor_ms"] = (
+            row["traffic_floor_mb"] * 2**20 / (row["copy_gb_per_s"] * 1e9) * 1e3
+        )
 
 
 def print_tables(rows, args, backend):
     """Prints, per student, markdown tables of ms/step (with the ratio full
-    KD / method) and of peak RSS, one line per C and one column per
-    method."""
+    KD / method), of each step against its traffic floor, and of peak RSS
+    against the parameters and optimizer state, one line per C and one
+    column per method."""
     import keras
 
     methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
@@ -455,30 +592,38 @@ def print_tables(rows, args, backend):
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
           f"cores. Batch {args.batch_size}, k={args.k}, top_r={args.top_r}, "
           f"Adam; median of {args.repeats} fit() steps after {args.warmup}; "
-          f"xla={args.xla}. default = {default}; keras_distiller runs its "
-          "teacher online.")
+          f"xla={args.xla}. default = {default}; keras_distiller and online "
+          "run their teacher in the step. Copy bandwidth "
+          f"{args.copy_gb_per_s:.1f} GB/s.")
     for student in args.students:
         by_key = {
             (r["method"], r["num_classes"]): r for r in rows if r["student"] == student
         }
-        times = [
-            (f"{c:,}", [_time_cell(by_key.get((m, c))) for m in methods])
-            for c in args.classes
-        ]
+
+        def lines(cell):
+            return [
+                (f"{c:,}", [cell(by_key.get((m, c))) for m in methods])
+                for c in args.classes
+            ]
+
         xla = [_xla_cell([r for (m, _), r in by_key.items() if m == method])
                for method in methods]
-        memory = [
-            (f"{c:,}", [_memory_cell(by_key.get((m, c))) for m in methods])
-            for c in args.classes
-        ]
+        name = f"{student} (d={FEATURES_DIM[student]})"
         _print_markdown_table(
-            f"{student} (d={FEATURES_DIM[student]}), ms per fit() step "
-            "(x full KD: full_kd ms / method ms)",
-            methods, times + [("XLA", xla)],
+            f"{name}, ms per fit() step (x full KD: full_kd ms / method ms; "
+            "teacher online: also x keras_distiller)",
+            methods, lines(_time_cell) + [("XLA", xla)],
         )
         _print_markdown_table(
-            f"{student} (d={FEATURES_DIM[student]}), peak RSS MB of the timed steps",
-            methods, memory,
+            f"{name}, traffic floor ms of a step (bytes it must move / copy "
+            "bandwidth) and the measured step over it",
+            methods, lines(_floor_cell),
+        )
+        _print_markdown_table(
+            f"{name}, peak RSS MB of the timed steps, and its growth over the "
+            "process before the model (x the parameters with their Adam "
+            "state, and the teacher's parameters)",
+            methods, lines(_memory_cell),
         )
 
 
@@ -495,8 +640,22 @@ def _time_cell(row):
         return ""
     if row["status"] != "ok":
         return row["status"]
-    ratio = row["full_kd_over_method"]
-    return f"{row['ms_per_step']:.1f}" + (f" ({ratio:.1f}x)" if ratio != "" else "")
+    cell = f"{row['ms_per_step']:.1f}"
+    ratios = [
+        f"{row[column]:.1f}x{suffix}"
+        for column, suffix in (
+            ("full_kd_over_method", ""),
+            ("keras_distiller_over_method", " keras"),
+        )
+        if row[column] != ""
+    ]
+    return cell + (f" ({', '.join(ratios)})" if ratios else "")
+
+
+def _floor_cell(row):
+    if row is None or row["status"] != "ok":
+        return "" if row is None else row["status"]
+    return f"{row['floor_ms']:.2f} ({row['ms_per_step'] / row['floor_ms']:.1f}x)"
 
 
 def _xla_cell(rows):
@@ -506,31 +665,75 @@ def _xla_cell(rows):
 
 
 def _memory_cell(row):
-    if row is None:
-        return ""
-    return f"{row['peak_rss_mb']:.0f}" if row["status"] == "ok" else row["status"]
+    if row is None or row["status"] != "ok":
+        return "" if row is None else row["status"]
+    growth = row["peak_rss_mb"] - row["baseline_rss_mb"]
+    return f"{row['peak_rss_mb']:.0f}, +{growth:.0f} ({growth / row['state_mb']:.2f}x)"
+
+
+def print_comparison(rows, args):
+    """Prints, per student and C, each backend's default step against full
+    KD on the same backend and on the fastest backend, its traffic floor
+    and its memory (the run's `--backends`, two or more)."""
+    print("\nAcross backends (one run): the default DISLoss(k) against the "
+          "fastest full-KD step of any backend at the same C.")
+    columns = ["backend", "full KD ms", "default ms", "x same backend",
+               "x fastest full KD", "floor ms (x)", "peak growth (x state)"]
+    for student in args.students:
+        print(f"\n{student} (d={FEATURES_DIM[student]}):\n")
+        print("| C | " + " | ".join(columns) + " |")
+        print("|---:|" + "---|" * len(columns))
+        for num_classes in args.classes:
+            ok = [
+                r for r in rows
+                if r["student"] == student and r["num_classes"] == num_classes
+                and r["status"] == "ok"
+            ]
+            full_kd = {r["backend"]: r for r in ok if r["method"] == "full_kd"}
+            fastest = min((r["ms_per_step"] for r in full_kd.values()), default=None)
+            for backend in args.backends:
+                default = next(
+                    (r for r in ok if r["backend"] == backend and r["method"] == "default"),
+                    None,
+                )
+                if default is None:
+                    continue
+                full = full_kd.get(backend)
+                cells = [
+                    backend,
+                    f"{full['ms_per_step']:.1f}" if full else "not run",
+                    f"{default['ms_per_step']:.1f}",
+                    f"{full['ms_per_step'] / default['ms_per_step']:.1f}x" if full else "",
+                    f"{fastest / default['ms_per_step']:.1f}x" if fastest else "",
+                    _floor_cell(default),
+                    _memory_cell(default).split(", ", 1)[1],
+                ]
+                print(f"| {num_classes:,} | " + " | ".join(cells) + " |")
 
 
 def run_all(args):
     """Runs every configuration, prints the tables and writes the CSV."""
-    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     start = time.perf_counter()
+    args.copy_gb_per_s = copy_bandwidth_gb_per_s()
+    print(f"Copy bandwidth (read + write): {args.copy_gb_per_s:.1f} GB/s", flush=True)
     configs = [
-        (student, method, num_classes)
+        (backend, student, method, num_classes)
+        for backend in args.backends
         for student in args.students
         for num_classes in args.classes
         for method in args.methods
     ]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as executor:
-        rows = list(
-            executor.map(lambda config: run_config(args, backend, *config), configs)
-        )
+        rows = list(executor.map(lambda config: run_config(args, *config), configs))
     add_ratios(rows)
-    print_tables(rows, args, backend)
+    for backend in args.backends:
+        print_tables([r for r in rows if r["backend"] == backend], args, backend)
+    if len(args.backends) > 1:
+        print_comparison(rows, args)
     print(f"\nWall time {time.perf_counter() - start:.0f} s")
     output = args.output or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results",
-        f"fit_step_{backend}_cpu.csv",
+        f"fit_step_{'_'.join(args.backends)}_cpu.csv",
     )
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w", newline="") as file:
@@ -542,6 +745,10 @@ def run_all(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", nargs="+", choices=("tensorflow", "jax", "torch"),
+                        default=[os.environ.get("KERAS_BACKEND", "tensorflow")],
+                        help="Keras backends, each configuration in its own "
+                             "process (default: KERAS_BACKEND)")
     parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=STUDENTS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--classes", type=int, nargs="+",
@@ -549,7 +756,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-batches", type=int, default=8,
                         help="examples in the data set, in batches")
-    parser.add_argument("--k", type=int, default=20, help="sampled classes")
+    parser.add_argument("--k", type=int, default=10, help="sampled classes")
     parser.add_argument("--top-r", type=int, default=100,
                         help="teacher classes in the packed targets (>= k; "
                              "at most C)")
@@ -573,7 +780,7 @@ def parse_args(argv=None):
                             f"{key}={value}" for key, value in QUICK_DEFAULTS.items()))
     parser.add_argument("--output", default=None,
                         help="CSV path (default benchmarks/results/"
-                             "fit_step_<backend>_cpu.csv)")
+                             "fit_step_<backends>_cpu.csv)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     if "--quick" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**QUICK_DEFAULTS)
