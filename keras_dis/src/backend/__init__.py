@@ -123,6 +123,7 @@ if _BACKEND == "tensorflow":
     from keras_dis.src.backend.tensorflow import raise_input_error
     from keras_dis.src.backend.tensorflow import randint  # noqa: F811
     from keras_dis.src.backend.tensorflow import scatter_rows
+    from keras_dis.src.backend.tensorflow import take_rows  # noqa: F811
     from keras_dis.src.backend.tensorflow import uniform  # noqa: F811
 elif _BACKEND == "jax":
     from keras_dis.src.backend.jax import (  # noqa: F811

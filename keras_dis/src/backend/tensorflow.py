@@ -1,5 +1,6 @@
 """TensorFlow: in-place row scatters and Philox random numbers."""
 
+import keras
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
 from tensorflow.python.ops import control_flow_util
@@ -25,6 +26,16 @@ def scatter_rows(variable, indices, rows):
     variable.value.scatter_update(
         tf.IndexedSlices(tf.cast(rows, variable.dtype), indices)
     )
+
+
+def take_rows(values, indices):
+    """`values[indices]` along the first axis, reading only those rows of a
+    variable (a resource gather). `ops.take` reads the whole variable first,
+    and a later in-place row write to it then copies the whole variable
+    (copy-on-write): 0.2 s a step at `C = 10^6` without XLA."""
+    if isinstance(values, keras.Variable):
+        values = values.value
+    return tf.gather(values, indices)
 
 
 def _stateless_seed(seed_generator):
