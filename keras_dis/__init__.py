@@ -8,6 +8,7 @@ from keras_dis.src.distiller import Distiller
 from keras_dis.src.export import export_student
 from keras_dis.src.head import SampledDistillationHead
 from keras_dis.src.losses import DISLoss
+from keras_dis.src.monitor import DistillationMonitor
 from keras_dis.src.teacher_cache import TeacherCache
 from keras_dis.src.teacher_cache import TeacherCacheDataset
 from keras_dis.src.teacher_targets import pack_teacher_targets
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DISLoss",
+    "DistillationMonitor",
     "Distiller",
     "ProposalScheduler",
     "SampledDistillationHead",
