@@ -9,6 +9,7 @@ from keras_dis.src.export import export_student
 from keras_dis.src.head import SampledDistillationHead
 from keras_dis.src.losses import DISLoss
 from keras_dis.src.monitor import DistillationMonitor
+from keras_dis.src.plotting import plot_monitor
 from keras_dis.src.teacher_cache import TeacherCache
 from keras_dis.src.teacher_cache import TeacherCacheDataset
 from keras_dis.src.teacher_targets import pack_teacher_targets
@@ -27,5 +28,6 @@ __all__ = [
     "export_student",
     "losses",
     "pack_teacher_targets",
+    "plot_monitor",
     "proposals",
 ]

@@ -185,10 +185,7 @@ class DistillationMonitor(keras.callbacks.Callback):
         student, head, loss = self._parts()
         backend.sync_training_state(self.model)
         targets = self._teacher_targets()
-        logits = ops.concatenate(
-            [ops.cast(student(x, training=False), "float32") for x, _ in self._batches()],
-            axis=0,
-        )
+        logits = self._student_logits(student)
         unpacked = targets_module.unpack_teacher_targets(targets)
         labels, _, top_classes, _ = unpacked
         predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
@@ -213,6 +210,68 @@ class DistillationMonitor(keras.callbacks.Callback):
         return {
             name: float(ops.convert_to_numpy(value)) for name, value in values.items()
         }
+
+    def suggest_k(self, ks=(5, 10, 20, 50, 100), target_cosine=0.95):
+        """The smallest `k` whose estimator reaches a gradient cosine.
+
+        Measures, on the probe set with the model as it is now and the
+        head's current proposal, the gradient cosine (see the class
+        docstring) of the compiled loss with each `k` in `ks` (every other
+        setting kept, `exact_top` by its rule), and returns the smallest
+        `k` that reaches `target_cosine`.
+
+        Args:
+            ks: increasing ints, the candidates; those not below `C` are
+                skipped.
+            target_cosine: float in (0, 1].
+
+        Returns:
+            A tuple `(k, cosines)`: the smallest `k` reaching the target (or
+            None when none does), and a dict of `k` to its mean cosine.
+        """
+        if not 0 < target_cosine <= 1:
+            raise ValueError(
+                "`target_cosine` must be in (0, 1]. "
+                f"Received: target_cosine={target_cosine!r}"
+            )
+        student, head, loss = self._parts()
+        if loss.proposal_name not in SAMPLED_PROPOSALS:
+            raise ValueError(
+                "suggest_k needs a sampled proposal "
+                f"({sorted(SAMPLED_PROPOSALS)}). Received: "
+                f"proposal={loss.proposal_name!r}"
+            )
+        backend.sync_training_state(self.model)
+        targets = self._teacher_targets()
+        logits = self._student_logits(student)
+        cosines = {}
+        for k in sorted(ks):
+            if k >= head.num_classes:
+                continue
+            config = loss.get_config()
+            config["k"] = int(k)
+            if config["exact_top"] is not None:
+                config["exact_top"] = min(config["exact_top"], int(k))
+            result = diagnostics.estimator_diagnostics(
+                DISLoss.from_config(config),
+                logits,
+                targets,
+                rank_proposal=head.rank_proposal,
+                num_subsets=self.num_subsets,
+                seed=self.seed,
+            )
+            cosines[int(k)] = float(np.mean(result["gradient_cosine"]))
+        reached = [k for k, cosine in cosines.items() if cosine >= target_cosine]
+        return (min(reached) if reached else None), cosines
+
+    def _student_logits(self, student):
+        return ops.concatenate(
+            [
+                ops.cast(student(x, training=False), "float32")
+                for x, _ in self._batches()
+            ],
+            axis=0,
+        )
 
     def _record(self, logs, epoch):
         values = self.measure()

@@ -143,3 +143,47 @@ def test_monitor_errors():
     monitor.set_model(student)
     with pytest.raises(ValueError, match="keras_dis.DISLoss"):
         monitor.on_train_begin()
+
+
+def test_suggest_k_grows_the_cosine_with_k():
+    x, labels, teacher_logits = probe_problem()
+    targets = np.asarray(keras_dis.pack_teacher_targets(labels, teacher_logits))
+    distiller = keras_dis.Distiller(None, make_student())
+    distiller.compile(optimizer="adam", loss=keras_dis.DISLoss(k=5, proposal="uniform"))
+    monitor = keras_dis.DistillationMonitor(x[:32], targets[:32], num_subsets=32)
+    distiller.fit(x, targets, epochs=1, batch_size=16, callbacks=[monitor], verbose=0)
+    k, cosines = monitor.suggest_k(ks=(2, 5, 19, 40), target_cosine=0.9)
+    assert sorted(cosines) == [2, 5, 19]  # k = 40 >= C is skipped
+    assert cosines[19] > cosines[2]
+    assert cosines[k] >= 0.9 and all(cosines[j] < 0.9 for j in cosines if j < k)
+    # The compiled k's cosine is the one the monitor logs.
+    assert cosines[5] == pytest.approx(monitor.history[-1]["gradient_cosine"], rel=1e-5)
+    with pytest.raises(ValueError, match="target_cosine"):
+        monitor.suggest_k(target_cosine=0)
+    assert monitor.suggest_k(ks=(2,), target_cosine=1.0)[0] is None
+
+
+def test_plot_monitor_draws_each_quantity(tmp_path):
+    x, labels, teacher_logits = probe_problem()
+    targets = np.asarray(keras_dis.pack_teacher_targets(labels, teacher_logits))
+    distiller = keras_dis.Distiller(None, make_student())
+    distiller.compile(optimizer="adam", loss=keras_dis.DISLoss(k=5))
+    monitor = keras_dis.DistillationMonitor(x[:16], targets[:16], every_n_steps=1)
+    distiller.fit(
+        x, targets, epochs=2, batch_size=16, verbose=0,
+        callbacks=[keras_dis.ProposalScheduler(), monitor],
+    )
+    path = tmp_path / "monitor.png"
+    figure = keras_dis.plot_monitor(monitor, path=str(path))
+    assert path.stat().st_size > 1000
+    loss_axes, fraction_axes = figure.axes[0], figure.axes[1]
+    assert [line.get_label() for line in fraction_axes.get_lines()] == [
+        "teacher_agreement", "accuracy", "gradient_cosine", "effective_sample_size"
+    ]
+    drawn = loss_axes.get_lines()[0].get_ydata()
+    np.testing.assert_allclose(drawn, [e["full_kd_loss"] for e in monitor.history])
+    # b2 on a second axis: 5 in the first epoch, annealed in the second.
+    scale = figure.axes[2].get_lines()[0].get_ydata()
+    assert scale[0] == 5.0 and scale[-1] > 5.0
+    with pytest.raises(ValueError, match="no measurements"):
+        keras_dis.plot_monitor([])
