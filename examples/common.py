@@ -258,6 +258,18 @@ def add_common_arguments(parser, full_defaults, smoke_defaults, data_help):
     )
 
 
+def check_data_arguments(args, parser):
+    """`--data` without `--smoke`, or `--smoke` without `--data`: `--smoke`
+    writes its own small data set and would silently ignore `--data`."""
+    if args.smoke and args.data:
+        parser.error(
+            "--smoke writes and trains on its own small data set; it cannot "
+            f"be combined with --data. Received: --data {args.data}"
+        )
+    if not args.smoke and not args.data:
+        parser.error("--data is required unless --smoke is given.")
+
+
 def resolve_defaults(args, full_defaults, smoke_defaults):
     """Fills the options left unset with their full or `--smoke` default."""
     defaults = smoke_defaults if args.smoke else full_defaults

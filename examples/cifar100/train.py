@@ -119,6 +119,7 @@ def main(argv=None):
     args = common.resolve_defaults(
         parser.parse_args(argv), FULL_DEFAULTS, SMOKE_DEFAULTS
     )
+    common.check_data_arguments(args, parser)
     common.check_subset_sizes(args.k, NUM_FINE_CLASSES, parser)
     keras.utils.set_random_seed(args.seed)
 

@@ -189,15 +189,37 @@ def holdout_split(labels, fraction, seed):
 
 
 def euclidean_distances(query_features, gallery_features):
-    """Pairwise Euclidean distances `(num_queries, num_gallery)`, float32."""
-    query_features = query_features.astype(np.float32)
-    gallery_features = gallery_features.astype(np.float32)
+    """Pairwise Euclidean distances `(num_queries, num_gallery)`, float64.
+
+    Finite features give finite distances: both sets are divided by their
+    largest magnitude before squaring (features around `1e20` overflow
+    float32's squares to infinity, and `inf - inf` is NaN), and the
+    distances are scaled back. Non-finite features raise a `ValueError`.
+    """
+    query_features = np.asarray(query_features, np.float64)
+    gallery_features = np.asarray(gallery_features, np.float64)
+    for name, features in (
+        ("query_features", query_features),
+        ("gallery_features", gallery_features),
+    ):
+        if not np.isfinite(features).all():
+            raise ValueError(
+                f"`{name}` must be finite to rank images by distance. "
+                f"Received: {int((~np.isfinite(features)).sum())} non-finite "
+                "values (the student diverged?)"
+            )
+    scale = max(
+        np.abs(query_features).max(initial=0.0),
+        np.abs(gallery_features).max(initial=0.0),
+    ) or 1.0
+    query_features = query_features / scale
+    gallery_features = gallery_features / scale
     squared = (
         np.sum(np.square(query_features), axis=1)[:, None]
         + np.sum(np.square(gallery_features), axis=1)[None, :]
         - 2.0 * query_features @ gallery_features.T
     )
-    return np.sqrt(np.maximum(squared, 0.0))
+    return np.sqrt(np.maximum(squared, 0.0)) * scale
 
 
 def main(argv=None):
@@ -211,8 +233,7 @@ def main(argv=None):
             "--holdout-fraction must be between 0 and 1. "
             f"Received: {args.holdout_fraction}"
         )
-    if not args.smoke and not args.data:
-        parser.error("--data is required unless --smoke is given.")
+    common.check_data_arguments(args, parser)
     keras.utils.set_random_seed(args.seed)
 
     root = args.data

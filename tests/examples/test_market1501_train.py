@@ -48,6 +48,31 @@ def test_euclidean_distances_match_numpy():
     )
 
 
+def test_euclidean_distances_of_huge_finite_features_are_finite():
+    rng = np.random.default_rng(1)
+    query, gallery = rng.normal(size=(3, 4)), rng.normal(size=(5, 4))
+    expected = np.linalg.norm(query[:, None] - gallery[None], axis=-1)
+    # Squares of 1e20 overflow float32: the old float32 formula gave NaN.
+    distances = train.euclidean_distances(query * 1e20, gallery * 1e20)
+    assert np.isfinite(distances).all()
+    np.testing.assert_allclose(distances, expected * 1e20, rtol=1e-6)
+    with pytest.raises(ValueError, match="query_features.*1 non-finite"):
+        train.euclidean_distances(
+            np.where(np.arange(12).reshape(3, 4) == 5, np.inf, query), gallery
+        )
+
+
+@pytest.mark.parametrize("program", ["market1501", "cifar100"])
+def test_smoke_refuses_data(program, tmp_path, capsys):
+    import importlib
+
+    module = importlib.import_module(f"examples.{program}.train")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--smoke", "--data", str(tmp_path), "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "cannot be combined with --data" in capsys.readouterr().err
+
+
 def test_k_must_be_smaller_than_the_number_of_identities(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--smoke", "--output-dir", str(tmp_path), "--k", "12"])
