@@ -758,7 +758,7 @@ def run_table(
     name,
     title,
     metrics,
-    plot_metric,
+    plot_metrics,
     note=None,
 ):
     """Trains the students of one table of the paper and writes the table.
@@ -771,7 +771,7 @@ def run_table(
             validation_data: see `train_students`.
         student_name: the student's name in the table, e.g. `"LeNet"`.
         paper_numbers: see `add_paper_numbers`.
-        name, title, metrics, plot_metric, note: see `write_results`; with
+        name, title, metrics, plot_metrics, note: see `write_results`; with
             `--smoke`, the title says that the numbers are not results.
 
     Returns:
@@ -802,7 +802,8 @@ def run_table(
         name=name,
         title=f"{title} ({keras.backend.backend()} backend)",
         metrics=metrics,
-        plot_metric=plot_metric,
+        plot_metrics=plot_metrics,
+        paper_numbers=paper_numbers,
         note=note,
     )
     return rows
@@ -921,12 +922,18 @@ def write_csv(rows, path, metrics):
             )
 
 
-def plot_accuracy_vs_k(rows, path, metric, metric_name, title):
+def plot_accuracy_vs_k(rows, path, metric, metric_name, title, paper_numbers=None):
     """Paper Fig. 6: the metric of each subset method against `k`.
 
     Full distillation and the plain student do not depend on `k` and are
-    drawn as horizontal lines.
+    drawn as horizontal lines. The paper's numbers for the metric, when
+    given, are drawn beside ours as hollow squares (subset methods, at the
+    paper's `k`) and dotted lines.
+
+    Returns:
+        The matplotlib `Figure` (closed).
     """
+    paper_numbers = paper_numbers or {}
     figure, axes = _new_axes()
     for method in STUDENT_METHODS:
         method_rows = sorted(
@@ -936,46 +943,81 @@ def plot_accuracy_vs_k(rows, path, metric, metric_name, title):
         if not method_rows:
             continue
         name = row_label(method, None, "hard labels")
+        color = _PLOT_COLORS[method]
         values = [100 * row[metric] for row in method_rows]
+        paper = sorted(
+            (k, 100 * numbers[metric])
+            for (paper_method, k), numbers in paper_numbers.items()
+            if paper_method == method and numbers.get(metric) is not None
+        )
         if method in SUBSET_METHODS:
-            axes.plot(
-                [row["k"] for row in method_rows],
-                values,
-                marker="o",
-                color=_PLOT_COLORS[method],
-                label=name,
-            )
+            axes.plot([row["k"] for row in method_rows], values, marker="o",
+                      color=color, label=name)
+            if paper:
+                axes.scatter([k for k, _ in paper], [v for _, v in paper],
+                             marker="s", facecolors="none", edgecolors=color,
+                             s=50, label=f"{name}, paper")
         else:
-            axes.axhline(
-                values[0],
-                linestyle="--",
-                color=_PLOT_COLORS[method],
-                label=name,
-            )
+            axes.axhline(values[0], linestyle="--", color=color, label=name)
+            if paper:
+                axes.axhline(paper[0][1], linestyle=":", color=color,
+                             label=f"{name}, paper")
     axes.set_xlabel("subset size k")
     axes.set_ylabel(f"{metric_name} (%)")
     _save(figure, axes, path, title)
+    return figure
 
 
 def plot_accuracy_vs_time(rows, path, metric, metric_name, title):
-    """Paper Fig. 7: the metric of every row against its last-layer time."""
+    """Paper Fig. 7: the metric of every row against its last-layer time.
+
+    One colour and legend entry per method; each point is labelled, and
+    labels that would overlap are moved up until they do not.
+
+    Returns:
+        The matplotlib `Figure` (closed).
+    """
     figure, axes = _new_axes()
+    points = []
     for row in rows:
         if row["method"] == TEACHER:
             continue
         x = row["last_layer_seconds_per_epoch"]
         y = 100 * row[metric]
-        axes.scatter([x], [y], color=_PLOT_COLORS[row["method"]])
-        axes.annotate(
-            row["label"],
-            (x, y),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=7,
-        )
+        name = row_label(row["method"], None, "hard labels")
+        labelled = name in axes.get_legend_handles_labels()[1]
+        axes.scatter([x], [y], color=_PLOT_COLORS[row["method"]],
+                     label=None if labelled else name)
+        points.append((x, y, row["label"]))
     axes.set_xlabel("time in the last layer per epoch (s)")
     axes.set_ylabel(f"{metric_name} (%)")
+    figure.canvas.draw()  # fixes the axes' limits for the label layout
+    for (x, y, label), offset in zip(points, _label_offsets(axes, points)):
+        axes.annotate(label, (x, y), textcoords="offset points",
+                      xytext=(4, offset), fontsize=7)
     _save(figure, axes, path, title)
+    return figure
+
+
+def _label_offsets(axes, points, height=9.0, width=70.0):
+    """Vertical offsets (in points) of the labels of `points` so that no two
+    labels within `width` points of each other horizontally are closer than
+    `height` points vertically: labels are placed bottom to top, each moved
+    up past the ones already placed."""
+    scale = axes.figure.dpi / 72.0
+    display = axes.transData.transform([(x, y) for x, y, _ in points]) / scale
+    order = sorted(range(len(points)), key=lambda i: display[i][1])
+    placed = []
+    offsets = [4.0] * len(points)
+    for i in order:
+        x, y = display[i]
+        label_y = y + 4.0
+        for other_x, other_y in sorted(placed, key=lambda p: p[1]):
+            if abs(other_x - x) < width and abs(other_y - label_y) < height:
+                label_y = other_y + height
+        placed.append((x, label_y))
+        offsets[i] = label_y - y
+    return offsets
 
 
 def _new_axes():
@@ -1000,7 +1042,8 @@ def _save(figure, axes, path, title):
 
 
 def write_results(
-    rows, *, output_dir, name, title, metrics, plot_metric, note=None
+    rows, *, output_dir, name, title, metrics, plot_metrics, paper_numbers=None,
+    note=None,
 ):
     """Prints the table and writes `<name>.txt`, `<name>.csv` and the plots.
 
@@ -1010,12 +1053,17 @@ def write_results(
         name: file name stem, e.g. `"table1_shallow_cnn"`.
         title: table title (and plot titles).
         metrics: list of `(key, header)` of the metrics.
-        plot_metric: `(key, name)` of the metric on the plots' y axis.
+        plot_metrics: list of `(key, name)`, the metrics to plot, each on
+            the y axis of its own pair of plots.
+        paper_numbers: optional dict `(method, k) -> {metric: fraction}`,
+            drawn beside ours on the plots against `k`.
         note: optional line printed under the table.
 
     Returns:
-        The paths written, a dict with keys `"table"`, `"csv"`,
-        `"accuracy_vs_k"` and `"accuracy_vs_time"`.
+        The paths written, a dict with keys `"table"`, `"csv"`, and
+        `"<metric>_vs_k"` and `"<metric>_vs_time"` per plotted metric. The
+        plots of `accuracy` are `<name>_accuracy_vs_k.png` and
+        `<name>_accuracy_vs_last_layer_time.png`, likewise for the others.
     """
     table = format_table(rows, metrics, title)
     if note:
@@ -1024,21 +1072,20 @@ def write_results(
     paths = {
         "table": os.path.join(output_dir, f"{name}.txt"),
         "csv": os.path.join(output_dir, f"{name}.csv"),
-        "accuracy_vs_k": os.path.join(output_dir, f"{name}_accuracy_vs_k.png"),
-        "accuracy_vs_time": os.path.join(
-            output_dir, f"{name}_accuracy_vs_last_layer_time.png"
-        ),
     }
     with open(paths["table"], "w") as table_file:
         table_file.write(table + "\n")
     write_csv(rows, paths["csv"], metrics)
     student_rows = [row for row in rows if row["method"] != TEACHER]
-    plot_accuracy_vs_k(
-        student_rows, paths["accuracy_vs_k"], *plot_metric, title=title
-    )
-    plot_accuracy_vs_time(
-        student_rows, paths["accuracy_vs_time"], *plot_metric, title=title
-    )
+    for key, metric_name in plot_metrics:
+        paths[f"{key}_vs_k"] = os.path.join(output_dir, f"{name}_{key}_vs_k.png")
+        paths[f"{key}_vs_time"] = os.path.join(
+            output_dir, f"{name}_{key}_vs_last_layer_time.png"
+        )
+        plot_accuracy_vs_k(student_rows, paths[f"{key}_vs_k"], key, metric_name,
+                           title=title, paper_numbers=paper_numbers)
+        plot_accuracy_vs_time(student_rows, paths[f"{key}_vs_time"], key,
+                              metric_name, title=title)
     print("Wrote " + ", ".join(paths.values()))
     return paths
 

@@ -197,7 +197,7 @@ def main(argv=None):
             name=stem,
             title=f"{table}: top-1 accuracy of the {student_name} on CIFAR-100",
             metrics=METRICS,
-            plot_metric=("accuracy", "top-1 accuracy"),
+            plot_metrics=[("accuracy", "top-1 accuracy")],
         )
     return results
 

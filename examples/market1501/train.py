@@ -82,9 +82,11 @@ Dynamic Importance Sampling" (Li et al., 2018) on Market-1501, and its Fig. 7.
    epochs and no augmentation, as the paper does. Every row starts from the
    same initial weights.
 4. Prints Table 3 with the paper's numbers beside ours (n/a where the paper
-   has none) and writes OUTPUT_DIR/table3_resnet18.txt, .csv,
-   table3_resnet18_accuracy_vs_k.png (as paper Fig. 6) and
-   table3_resnet18_accuracy_vs_last_layer_time.png (paper Fig. 7).
+   has none) and writes OUTPUT_DIR/table3_resnet18.txt, .csv, and for
+   meanAP, rank-1 and top-1 accuracy (METRIC = mAP, rank1, accuracy)
+   table3_resnet18_METRIC_vs_k.png (as paper Fig. 6, the paper's numbers
+   as hollow squares and dotted lines) and
+   table3_resnet18_METRIC_vs_last_layer_time.png (paper Fig. 7).
 """
 
 _EPILOG = (
@@ -351,7 +353,9 @@ def main(argv=None):
         title="Table 3: meanAP, rank-1 and top-1 accuracy of ResNet18 on "
         f"Market-1501, {args.ap_formula} AP",
         metrics=METRICS,
-        plot_metric=("accuracy", "top-1 accuracy"),
+        plot_metrics=[
+            ("mAP", "meanAP"), ("rank1", "rank-1"), ("accuracy", "top-1 accuracy")
+        ],
         note=PAPER_LAST_LAYER_NOTE,
     )
     return {"table3_resnet18": rows}

@@ -104,7 +104,7 @@ def test_write_results_one_csv_row_per_method_and_k(tmp_path, capsys):
         name="table",
         title="Table 2",
         metrics=metrics,
-        plot_metric=("accuracy", "top-1 accuracy"),
+        plot_metrics=[("accuracy", "top-1 accuracy")],
         note="A note.",
     )
     printed = capsys.readouterr().out
@@ -141,3 +141,30 @@ def test_help_explains_every_option(train, capsys):
         assert action.help, f"{action.option_strings} has no help"
         for option in action.option_strings:
             assert option in help_text
+
+
+def test_plots_draw_paper_numbers_legends_and_apart_labels(tmp_path):
+    rows = [row for row in fake_rows() if row["method"] != common.TEACHER]
+    for i, row in enumerate(rows):  # every point at the same place
+        row["last_layer_seconds_per_epoch"] = 1.0
+        row["accuracy"] = 0.5
+    paper = {("dis", 10): {"accuracy": 0.473}, ("full_kd", None): {"accuracy": 0.6}}
+    figure = common.plot_accuracy_vs_k(
+        rows, str(tmp_path / "k.png"), "accuracy", "top-1", "T", paper_numbers=paper
+    )
+    labels = figure.axes[0].get_legend_handles_labels()[1]
+    assert "DIS, paper" in labels and "distillation, paper" in labels
+    figure = common.plot_accuracy_vs_time(
+        rows, str(tmp_path / "t.png"), "accuracy", "top-1", "T"
+    )
+    axes = figure.axes[0]
+    legend = axes.get_legend_handles_labels()[1]
+    assert len(legend) == len(set(legend)) == len({r["method"] for r in rows})
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in axes.texts]
+    assert len(boxes) == len(rows)
+    for i, box in enumerate(boxes):
+        for other in boxes[i + 1 :]:
+            assert not box.overlaps(other), (box, other)

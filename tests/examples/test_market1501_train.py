@@ -108,9 +108,12 @@ def test_smoke_run_writes_table_csv_and_plots(tmp_path, capsys):
         assert row["label"] in table
         assert row["label"] in printed
     assert "SMOKE RUN" in table and "60.68 s" in table
-    for plot in ("accuracy_vs_k", "accuracy_vs_last_layer_time"):
-        png = (tmp_path / f"table3_resnet18_{plot}.png").read_bytes()
-        assert png.startswith(b"\x89PNG") and len(png) > 1000
+    # meanAP (the paper's headline), rank-1 and top-1, each against k and
+    # against the last layer's time.
+    for metric in ("mAP", "rank1", "accuracy"):
+        for plot in ("vs_k", "vs_last_layer_time"):
+            png = (tmp_path / f"table3_resnet18_{metric}_{plot}.png").read_bytes()
+            assert png.startswith(b"\x89PNG") and len(png) > 1000
     assert (tmp_path / "teacher.keras").stat().st_size > 0
     assert (tmp_path / "teacher_targets_train.npy").stat().st_size > 0
     assert (tmp_path / "smoke_data" / "Market-1501" / "query").is_dir()
