@@ -651,6 +651,10 @@ def time_last_layer(
     return timer.seconds_per_epoch()
 
 
+# Validation examples the `DistillationMonitor` of each student measures.
+MONITOR_PROBE_SIZE = 256
+
+
 def train_students(
     args,
     teacher,
@@ -666,7 +670,10 @@ def train_students(
     from the same initial weights (the seed is reset before each) and learns
     from the same relabelled data, so the teacher is not run during
     training. DIS rows anneal their proposal with
-    `keras_dis.ProposalScheduler`.
+    `keras_dis.ProposalScheduler`. A `keras_dis.DistillationMonitor` on the
+    first `MONITOR_PROBE_SIZE` validation examples measures each student at
+    every epoch's end, and `keras_dis.plot_monitor` saves its curves to
+    `OUTPUT_DIR/monitor_<method>[_k<k>].png`.
 
     Args:
         args: the parsed options (epochs, batch size, temperature, ...).
@@ -699,9 +706,16 @@ def train_students(
             loss=keras_dis.losses.get(method, **loss_arguments),
         )
         timer = EpochTimer()
-        callbacks = [timer]
+        # The exact loss, agreement and estimator quality on a probe of the
+        # validation data, at every epoch's end (after the timer's epoch).
+        monitor = keras_dis.DistillationMonitor(
+            validation_data[0][:MONITOR_PROBE_SIZE],
+            validation_data[1][:MONITOR_PROBE_SIZE],
+            batch_size=args.batch_size,
+        )
+        callbacks = [timer, monitor]
         if method == "dis":
-            callbacks.append(keras_dis.ProposalScheduler())
+            callbacks.insert(0, keras_dis.ProposalScheduler())
         print(
             f"Training {student.name} with {method}"
             + ("" if k is None else f" (k={k})")
@@ -714,6 +728,14 @@ def train_students(
             validation_data=validation_data,
             callbacks=callbacks,
             verbose=args.verbose,
+        )
+        keras_dis.plot_monitor(
+            monitor,
+            path=os.path.join(
+                args.output_dir,
+                f"monitor_{method}" + ("" if k is None else f"_k{k}") + ".png",
+            ),
+            title=f"{student.name}, {row_label(method, k, 'hard labels')}",
         )
         # Before timing, which calls the head on a second input.
         metrics = evaluate(student)

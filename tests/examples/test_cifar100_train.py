@@ -105,3 +105,5 @@ def test_smoke_run_writes_table_csv_and_plots(tmp_path, capsys):
     assert (tmp_path / "teacher.keras").stat().st_size > 0
     assert (tmp_path / "teacher_targets_train.npy").stat().st_size > 0
     assert (tmp_path / "smoke_data" / "cifar-100-python.tar.gz").exists()
+    # Each student's DistillationMonitor curves.
+    assert (tmp_path / "monitor_full_kd.png").stat().st_size > 1000

@@ -115,5 +115,8 @@ def test_smoke_run_writes_table_csv_and_plots(tmp_path, capsys):
             png = (tmp_path / f"table3_resnet18_{metric}_{plot}.png").read_bytes()
             assert png.startswith(b"\x89PNG") and len(png) > 1000
     assert (tmp_path / "teacher.keras").stat().st_size > 0
+    # Each student's DistillationMonitor curves.
+    monitor_plots = sorted(p.name for p in tmp_path.glob("monitor_*.png"))
+    assert "monitor_full_kd.png" in monitor_plots and "monitor_dis_k3.png" in monitor_plots
     assert (tmp_path / "teacher_targets_train.npy").stat().st_size > 0
     assert (tmp_path / "smoke_data" / "Market-1501" / "query").is_dir()
