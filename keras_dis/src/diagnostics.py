@@ -71,6 +71,26 @@ def _cosine(a, b):
     )
 
 
+def _sparse_cosine(gradient, classes, dense_at_classes, dense_norm):
+    """Cosine between each row's sparse vector (`gradient` at `classes`,
+    repeated classes summed) and a dense vector, given the dense vector's
+    values at `classes` and its norm, without forming the sparse vectors.
+
+    Args:
+        gradient, classes, dense_at_classes: `(n, m)`.
+        dense_norm: `(n,)`.
+
+    Returns:
+        `(n,)`.
+    """
+    dot = ops.sum(gradient * dense_at_classes, axis=-1)
+    same_class = ops.cast(classes[:, :, None] == classes[:, None, :], "float32")
+    squared_norm = ops.sum(
+        gradient[:, :, None] * gradient[:, None, :] * same_class, axis=(1, 2)
+    )
+    return dot / (ops.sqrt(ops.maximum(squared_norm, 0.0)) * dense_norm + 1e-30)
+
+
 def _effective_sample_fraction(logits, log_weights, repeats):
     """ESS / (1 + k) of each subset, summed over the `repeats` copies of
     the batch: `(batch,)`."""
@@ -169,7 +189,14 @@ def estimator_diagnostics(
         if log_bins.shape[0] == 1
         else _repeat_rows(log_bins, repeats)
     )
-    repeated_logits = _repeat_rows(student_logits, repeats)
+    # Row `r * B + b` of the repeated batch is sample `b` again: its
+    # entries are read from the `(B, C)` arrays through flat indices.
+    row_offsets = (
+        ops.arange(batch_size * repeats, dtype="int32") % batch_size
+    )[:, None] * num_classes
+    flat_logits = ops.reshape(student_logits, (-1,))
+    flat_exact = ops.reshape(exact, (-1,))
+    exact_norm = _repeat_rows(ops.norm(exact, axis=-1), repeats)
     seed_generator = keras.random.SeedGenerator(seed)
     gradient_sum = ops.zeros((batch_size, num_classes), "float32")
     subset_cosine, teacher_ess, student_ess = 0.0, 0.0, 0.0
@@ -183,7 +210,8 @@ def estimator_diagnostics(
             exact_top=loss.exact_top_count,
             seed_generator=seed_generator,
         )
-        subset_logits = ops.take_along_axis(repeated_logits, subset, axis=-1)
+        flat_subset = row_offsets + subset
+        subset_logits = ops.take(flat_logits, flat_subset)
         gradient = sampled_softmax.distillation_cross_entropy_gradient(
             subset_logits,
             teacher_logits,
@@ -191,21 +219,23 @@ def estimator_diagnostics(
             log_proposal=log_weights,
             distillation_weight=loss.distillation_weight,
         )
-        # Row `r * B + b` of the repeated batch is sample `b` again.
-        per_subset = backend.segment_sum(
-            ops.reshape(gradient, (-1,)),
-            ops.reshape(
-                ops.arange(batch_size * repeats, dtype="int32")[:, None]
-                * num_classes
-                + subset,
-                (-1,),
+        # The subsets' gradients summed per sample and class, `(B, C)`.
+        gradient_sum = gradient_sum + ops.reshape(
+            backend.segment_sum(
+                ops.reshape(gradient, (-1,)),
+                ops.reshape(flat_subset, (-1,)),
+                batch_size * num_classes,
             ),
-            batch_size * repeats * num_classes,
+            (batch_size, num_classes),
         )
-        per_subset = ops.reshape(per_subset, (repeats, batch_size, num_classes))
-        gradient_sum = gradient_sum + ops.sum(per_subset, axis=0)
         subset_cosine = subset_cosine + ops.sum(
-            _cosine(per_subset, exact[None]), axis=0
+            ops.reshape(
+                _sparse_cosine(
+                    gradient, subset, ops.take(flat_exact, flat_subset), exact_norm
+                ),
+                (repeats, -1),
+            ),
+            axis=0,
         )
         teacher_ess = teacher_ess + _effective_sample_fraction(
             teacher_logits / loss.temperature, log_weights, repeats

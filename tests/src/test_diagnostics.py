@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from keras import ops
 
 import keras_dis
 from keras_dis.src import diagnostics
@@ -98,3 +99,25 @@ def test_bad_arguments(kwargs, argument):
     }
     with pytest.raises(ValueError, match=argument):
         diagnostics.estimator_diagnostics(**arguments)
+
+
+def test_sparse_cosine_equals_the_dense_cosine_with_repeated_classes():
+    from keras_dis.src.diagnostics import _sparse_cosine
+
+    rng = np.random.default_rng(3)
+    classes = np.array([[0, 3, 3, 5], [1, 1, 1, 2]], "int32")
+    gradient = rng.normal(size=(2, 4)).astype("float32")
+    dense = rng.normal(size=(2, 7)).astype("float32")
+    sparse = np.zeros((2, 7), "float32")
+    for row in range(2):
+        np.add.at(sparse[row], classes[row], gradient[row])
+    expected = (sparse * dense).sum(-1) / (
+        np.linalg.norm(sparse, axis=-1) * np.linalg.norm(dense, axis=-1)
+    )
+    cosine = _sparse_cosine(
+        ops.convert_to_tensor(gradient),
+        ops.convert_to_tensor(classes),
+        ops.convert_to_tensor(np.take_along_axis(dense, classes, axis=-1)),
+        ops.convert_to_tensor(np.linalg.norm(dense, axis=-1)),
+    )
+    np.testing.assert_allclose(ops.convert_to_numpy(cosine), expected, rtol=1e-5)
