@@ -731,13 +731,19 @@ def run_all(args):
     if len(args.backends) > 1:
         print_comparison(rows, args)
     print(f"\nWall time {time.perf_counter() - start:.0f} s")
-    output = args.output or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results",
-        f"fit_step_{'_'.join(args.backends)}_cpu.csv",
+    write_rows(rows, CSV_FIELDS, args.output,
+               f"fit_step_{'_'.join(args.backends)}_cpu.csv")
+
+
+def write_rows(rows, fields, output, default_name):
+    """Writes the CSV rows to `output`, or to `benchmarks/results/
+    <default_name>` when `output` is None, and says where."""
+    output = output or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", default_name
     )
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     print(f"Wrote {output}")

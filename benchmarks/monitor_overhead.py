@@ -22,7 +22,6 @@ epoch; writes one CSV row per C.
 """
 
 import argparse
-import csv
 import os
 import platform
 import sys
@@ -122,16 +121,9 @@ def main(argv=None):
               f"{row['epoch_seconds']:.2f} | {row['monitored_epoch_seconds']:.2f} | "
               f"{100 * row['overhead']:.1f}% | {row['measure_seconds']:.3f} | "
               f"{row['steps_for_5_percent']:,} |")
-    output = args.output or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results",
-        f"monitor_overhead_{backend}_cpu.csv",
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"Wrote {output}")
+    from fit_step import write_rows
+
+    write_rows(rows, CSV_FIELDS, args.output, f"monitor_overhead_{backend}_cpu.csv")
     return rows
 
 
