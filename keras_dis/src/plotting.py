@@ -42,10 +42,8 @@ def plot_monitor(monitor, path=None, title=None):
     4
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot
+        # A bare Figure: no pyplot state, and the user's backend untouched.
+        from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - depends on the install
         raise ImportError(
             "plot_monitor needs matplotlib: pip install matplotlib"
@@ -57,9 +55,8 @@ def plot_monitor(monitor, path=None, title=None):
             f"Received: history={history!r}"
         )
     steps = [entry["step"] for entry in history]
-    figure, (loss_axes, fraction_axes) = pyplot.subplots(
-        2, 1, sharex=True, figsize=(7, 6)
-    )
+    figure = Figure(figsize=(7, 6))
+    loss_axes, fraction_axes = figure.subplots(2, 1, sharex=True)
     loss_axes.plot(steps, [e["full_kd_loss"] for e in history], marker="o",
                    label="full_kd_loss")
     loss_axes.set_ylabel("exact full-KD loss")
