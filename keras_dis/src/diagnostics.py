@@ -25,7 +25,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_dis.src import backend
 from keras_dis.src import sampled_softmax
 from keras_dis.src import teacher_targets as targets_module
 from keras_dis.src.sampled_step import SAMPLED_PROPOSALS
@@ -191,9 +190,6 @@ def estimator_diagnostics(
     )
     # Row `r * B + b` of the repeated batch is sample `b` again: its
     # entries are read from the `(B, C)` arrays through flat indices.
-    row_offsets = (
-        ops.arange(batch_size * repeats, dtype="int32") % batch_size
-    )[:, None] * num_classes
     flat_logits = ops.reshape(student_logits, (-1,))
     flat_exact = ops.reshape(exact, (-1,))
     exact_norm = _repeat_rows(ops.norm(exact, axis=-1), repeats)
@@ -210,7 +206,9 @@ def estimator_diagnostics(
             exact_top=loss.exact_top_count,
             seed_generator=seed_generator,
         )
-        flat_subset = row_offsets + subset
+        flat_subset = sampled_softmax.sample_class_indices(
+            subset, num_classes, batch_size
+        )
         subset_logits = ops.take(flat_logits, flat_subset)
         gradient = sampled_softmax.distillation_cross_entropy_gradient(
             subset_logits,
@@ -220,13 +218,8 @@ def estimator_diagnostics(
             distillation_weight=loss.distillation_weight,
         )
         # The subsets' gradients summed per sample and class, `(B, C)`.
-        gradient_sum = gradient_sum + ops.reshape(
-            backend.segment_sum(
-                ops.reshape(gradient, (-1,)),
-                ops.reshape(flat_subset, (-1,)),
-                batch_size * num_classes,
-            ),
-            (batch_size, num_classes),
+        gradient_sum = gradient_sum + sampled_softmax.sum_per_sample_and_class(
+            gradient, flat_subset, num_classes, batch_size
         )
         subset_cosine = subset_cosine + ops.sum(
             ops.reshape(

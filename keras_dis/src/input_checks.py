@@ -32,6 +32,15 @@ ERROR_CODES = (
 )
 
 
+def check_positive_integer(name, value):
+    """Raises a `ValueError` naming the argument `name` unless `value` is
+    an integer >= 1 (a Python or NumPy integer, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(
+            f"`{name}` must be an integer >= 1. Received: {name}={value!r}"
+        )
+
+
 def error_message(code, value, num_classes):
     """The message of an input error found by `check_teacher_targets`.
 

@@ -25,6 +25,7 @@ from keras import ops
 
 from keras_dis.src import backend
 from keras_dis.src import diagnostics
+from keras_dis.src import input_checks
 from keras_dis.src import teacher_targets as targets_module
 from keras_dis.src.callbacks import find_heads
 from keras_dis.src.losses import DISLoss
@@ -99,14 +100,10 @@ class DistillationMonitor(keras.callbacks.Callback):
         seed=0,
     ):
         super().__init__()
-        for name, value in (
-            ("num_subsets", num_subsets),
-            ("batch_size", batch_size),
-        ) + ((("every_n_steps", every_n_steps),) if every_n_steps is not None else ()):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(
-                    f"`{name}` must be an integer >= 1. Received: {name}={value!r}"
-                )
+        input_checks.check_positive_integer("num_subsets", num_subsets)
+        input_checks.check_positive_integer("batch_size", batch_size)
+        if every_n_steps is not None:
+            input_checks.check_positive_integer("every_n_steps", every_n_steps)
         y = np.asarray(y)
         num_examples = len(keras.tree.flatten(x)[0])
         if y.shape[0] != num_examples:
@@ -182,10 +179,7 @@ class DistillationMonitor(keras.callbacks.Callback):
             A dict of Python floats, keyed by the names in the class
             docstring (the last two for sampled proposals only).
         """
-        student, head, loss = self._parts()
-        backend.sync_training_state(self.model)
-        targets = self._teacher_targets()
-        logits = self._student_logits(student)
+        head, loss, targets, logits = self._probe()
         unpacked = targets_module.unpack_teacher_targets(targets)
         labels, _, top_classes, _ = unpacked
         predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
@@ -234,16 +228,14 @@ class DistillationMonitor(keras.callbacks.Callback):
                 "`target_cosine` must be in (0, 1]. "
                 f"Received: target_cosine={target_cosine!r}"
             )
-        student, head, loss = self._parts()
+        loss = self._parts()[2]
         if loss.proposal_name not in SAMPLED_PROPOSALS:
             raise ValueError(
                 "suggest_k needs a sampled proposal "
                 f"({sorted(SAMPLED_PROPOSALS)}). Received: "
                 f"proposal={loss.proposal_name!r}"
             )
-        backend.sync_training_state(self.model)
-        targets = self._teacher_targets()
-        logits = self._student_logits(student)
+        head, loss, targets, logits = self._probe()
         cosines = {}
         for k in sorted(ks):
             if k >= head.num_classes:
@@ -264,14 +256,21 @@ class DistillationMonitor(keras.callbacks.Callback):
         reached = [k for k, cosine in cosines.items() if cosine >= target_cosine]
         return (min(reached) if reached else None), cosines
 
-    def _student_logits(self, student):
-        return ops.concatenate(
+    def _probe(self):
+        """`(head, loss, targets, logits)`: the model's head and loss, and
+        the probe set's packed teacher targets and the student's full
+        logits on it now (in inference mode)."""
+        student, head, loss = self._parts()
+        backend.sync_training_state(self.model)
+        targets = self._teacher_targets()
+        logits = ops.concatenate(
             [
                 ops.cast(student(x, training=False), "float32")
                 for x, _ in self._batches()
             ],
             axis=0,
         )
+        return head, loss, targets, logits
 
     def _record(self, logs, epoch):
         values = self.measure()

@@ -2,13 +2,9 @@
 
 from keras_dis.src.monitor import MONITOR_METRICS
 
-# The monitor's quantities that are fractions in [0, 1], drawn on one panel.
-FRACTIONS = (
-    "teacher_agreement",
-    "accuracy",
-    "gradient_cosine",
-    "effective_sample_size",
-)
+# The monitor's quantities that are fractions in [0, 1], drawn on one panel
+# (all but the loss).
+FRACTIONS = tuple(name for name in MONITOR_METRICS if name != "full_kd_loss")
 
 
 def plot_monitor(monitor, path=None, title=None):
@@ -84,5 +80,3 @@ def plot_monitor(monitor, path=None, title=None):
         figure.savefig(path, dpi=110)
     return figure
 
-
-__all__ = ["plot_monitor", "MONITOR_METRICS"]

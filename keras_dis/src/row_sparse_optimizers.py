@@ -379,14 +379,13 @@ class RowSparseOptimizer:
         if sampled_softmax.computes_every_class(num_classes, classes.shape):
             # The logit gradients summed per sample and class, `(batch, C)`,
             # times the features: one small matmul.
-            sample_offsets = ops.arange(batch_size, dtype="int32")[:, None]
-            class_gradients = ops.reshape(
-                backend.segment_sum(
-                    ops.reshape(logit_gradients, (-1,)),
-                    ops.reshape(classes + sample_offsets * num_classes, (-1,)),
-                    batch_size * num_classes,
+            class_gradients = sampled_softmax.sum_per_sample_and_class(
+                logit_gradients,
+                sampled_softmax.sample_class_indices(
+                    classes, num_classes, batch_size
                 ),
-                (batch_size, num_classes),
+                num_classes,
+                batch_size,
             )
             gradients = [ops.matmul(ops.transpose(class_gradients), features)]
             if self.head.use_bias:

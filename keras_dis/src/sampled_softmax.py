@@ -48,6 +48,42 @@ def computes_every_class(num_classes, subset_shape):
     )
 
 
+def sample_class_indices(classes, num_classes, batch_size):
+    """Each entry's index in a flattened `(batch_size, C)` array.
+
+    Args:
+        classes: int tensor `(rows, n)` of class ids; row `r` belongs to
+            sample `r % batch_size` (a batch, or the batch repeated).
+        num_classes: int, `C`.
+        batch_size: int, the number of samples.
+
+    Returns:
+        int32 tensor `(rows, n)`.
+    """
+    classes = ops.cast(classes, "int32")
+    samples = ops.arange(ops.shape(classes)[0], dtype="int32") % batch_size
+    return samples[:, None] * num_classes + classes
+
+
+def sum_per_sample_and_class(values, flat_indices, num_classes, batch_size):
+    """The values summed per sample and class, `(batch_size, C)`.
+
+    Args:
+        values: float tensor `(rows, n)`.
+        flat_indices: their `sample_class_indices`.
+        num_classes: int, `C`.
+        batch_size: int, the number of samples.
+    """
+    return ops.reshape(
+        backend.segment_sum(
+            ops.reshape(values, (-1,)),
+            ops.reshape(flat_indices, (-1,)),
+            batch_size * num_classes,
+        ),
+        (batch_size, num_classes),
+    )
+
+
 def _bin_cdf(log_bins):
     """Normalised CDF of rank bins; its last entry is exactly 1."""
     log_bins = log_bins - ops.max(log_bins, axis=-1, keepdims=True)

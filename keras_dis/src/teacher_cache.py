@@ -55,6 +55,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_dis.src import input_checks
 from keras_dis.src import teacher_targets as targets_module
 
 FORMAT_VERSION = 2
@@ -105,15 +106,7 @@ def _as_labels(labels, arg_name="labels"):
 
 
 def _check_batch_size(batch_size):
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, (int, np.integer))
-        or batch_size < 1
-    ):
-        raise ValueError(
-            "`batch_size` must be an integer >= 1. "
-            f"Received: batch_size={batch_size!r}"
-        )
+    input_checks.check_positive_integer("batch_size", batch_size)
 
 
 def _is_array_inputs(inputs):
