@@ -201,22 +201,35 @@ class SampledDistillationHead(keras.layers.Layer):
                 f"(batch, features_dim). Received: input_shape={input_shape}"
             )
         features_dim = input_shape[-1]
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(self.num_classes, features_dim),
-            initializer=lambda shape, dtype: class_major_initial_kernel(
-                self.kernel_initializer, shape, dtype
-            ),
-        )
-        self.bias = (
-            self.add_weight(
-                name="bias",
-                shape=(self.num_classes,),
-                initializer=self.bias_initializer,
+        try:
+            self.kernel = self.add_weight(
+                name="kernel",
+                shape=(self.num_classes, features_dim),
+                initializer=lambda shape, dtype: class_major_initial_kernel(
+                    self.kernel_initializer, shape, dtype
+                ),
             )
-            if self.use_bias
-            else None
-        )
+            self.bias = (
+                self.add_weight(
+                    name="bias",
+                    shape=(self.num_classes,),
+                    initializer=self.bias_initializer,
+                )
+                if self.use_bias
+                else None
+            )
+        except ValueError as error:
+            if keras.distribution.distribution() is None:
+                raise
+            raise ValueError(
+                f"SampledDistillationHead {self.name!r} cannot lay out its "
+                f"({self.num_classes}, {features_dim}) kernel and its bias "
+                "as the current keras.distribution asks: when the layout "
+                "map splits the classes over a mesh axis, `num_classes` "
+                "must be a multiple of that axis's size (pad it with "
+                "classes that never occur). Received: "
+                f"num_classes={self.num_classes}. ({error})"
+            ) from error
         self.right_scale = self.add_weight(
             name="right_scale",
             shape=(),
@@ -304,12 +317,15 @@ class SampledDistillationHead(keras.layers.Layer):
         if self.use_bias:
             self.bias.trainable = True
 
-    def row_sparse_slot(self, name, shape, dtype="float32"):
+    def row_sparse_slot(self, name, shape, dtype="float32", rows_like=None):
         """The head's weight `name` for its row-sparse optimizer state,
-        created (zeros, non-trainable) the first time it is asked for."""
+        created (zeros, non-trainable) the first time it is asked for; a
+        `(C, ...)` one given `rows_like` (the kernel or bias) is split over
+        devices as that parameter is (see `row_sparse_optimizers.add_slot`).
+        """
         if name not in self._row_sparse_slots:
             self._row_sparse_slots[name] = row_sparse_optimizers.add_slot(
-                self, name, shape, dtype
+                self, name, shape, dtype, rows_like=rows_like
             )
         return self._row_sparse_slots[name]
 

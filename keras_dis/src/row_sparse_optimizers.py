@@ -190,17 +190,32 @@ def _where_rows(row_mask, new_values, values):
     return ops.where(mask, new_values, values)
 
 
-def add_slot(layer, name, shape, dtype="float32"):
-    """A zero-initialised, non-trainable weight of `layer` for optimizer
-    state (never autocast: the state stays float32 under mixed precision)."""
-    return layer.add_weight(
-        name=name,
-        shape=shape,
-        initializer="zeros",
-        dtype=dtype,
-        trainable=False,
-        autocast=False,
-    )
+def add_slot(layer, name, shape, dtype="float32", rows_like=None):
+    """A zero-initialised, non-trainable variable of `layer` for optimizer
+    state (never autocast: the state stays float32 under mixed precision).
+
+    Args:
+        layer: the layer that owns the variable; the caller tracks it (as
+            an attribute of `layer`, or in one of its dicts).
+        name: the variable's name, under `layer`'s name scope.
+        shape: its shape.
+        dtype: its dtype.
+        rows_like: optional `(C, ...)` variable whose rows the new `(C,
+            ...)` variable's rows follow: when `rows_like` is sharded over
+            classes (`keras.distribution.ModelParallel`), each device holds
+            the state of its own rows (`backend.rows_layout`).
+    """
+    layout = None if rows_like is None else backend.rows_layout(rows_like, shape)
+    with keras.name_scope(layer.name, caller=layer):
+        return keras.Variable(
+            initializer="zeros",
+            shape=shape,
+            dtype=dtype,
+            trainable=False,
+            autocast=False,
+            name=name,
+            layout=layout,
+        )
 
 
 class RowSparseOptimizer:
@@ -209,7 +224,8 @@ class RowSparseOptimizer:
     Holds no variables itself: the head owns all of its row-sparse state
     (the optimizer slots stacked per parameter, `(C, num_slots, d)` and
     `(C, num_slots)`, a step counter, a learning-rate mirror and a `(C,)`
-    scratch of group leaders), created by `head.row_sparse_slot`, so it is
+    scratch of group leaders), created by `head.row_sparse_slot` (the
+    `(C, ...)` ones split over devices like the kernel), so it is
     saved, restored and, on JAX, threaded through the compiled step with
     the head's other non-trainable weights, the way `BatchNormalization`
     keeps its statistics. Only those variables and the head's kernel and
@@ -245,6 +261,7 @@ class RowSparseOptimizer:
                 f"{parameter.name}_{'_'.join(self.slot_names)}",
                 (parameter.shape[0], len(self.slot_names))
                 + tuple(parameter.shape[1:]),
+                rows_like=parameter,
             )
             if self.slot_names
             else None
@@ -252,7 +269,10 @@ class RowSparseOptimizer:
         ]
         self.step = head.row_sparse_slot("row_sparse_step", ())
         self.group_leaders = head.row_sparse_slot(
-            "row_sparse_group_leaders", (head.num_classes,), dtype="int32"
+            "row_sparse_group_leaders",
+            (head.num_classes,),
+            dtype="int32",
+            rows_like=head.kernel,
         )
         self.learning_rate_value = head.row_sparse_slot(
             "row_sparse_learning_rate", ()

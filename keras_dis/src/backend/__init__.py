@@ -8,7 +8,10 @@ Each backend module implements `scatter_rows(variable, indices, rows)` and
 A backend module may also implement `take_rows(values, indices)`,
 `segment_sum(data, segment_ids, num_segments)`,
 `uniform(shape, seed_generator)`, `randint(shape, maxval, seed_generator)`
-and `stable_value(variable)` where Keras's own op is slow or unsafe on it; otherwise those are Keras's. It may set
+and `stable_value(variable)` where Keras's own op is slow or unsafe on it;
+otherwise those are Keras's. It may implement `rows_layout(parameter,
+shape)`, the layout of optimizer state split like a sharded parameter. It
+may set
 `PAIRWISE_RANK_MAX_SIZE`, the largest set whose ranks are cheaper from
 pairwise comparisons than from a sort (0: always sort),
 `READS_OPTIMIZER_VARIABLES_IN_STEP` and `MAY_DEFER_INPUT_ERRORS`.
@@ -41,6 +44,27 @@ def stable_value(variable):
     """`variable`'s value now, safe to differentiate through when the step
     later writes the variable in place (a row update)."""
     return variable.value
+
+
+def rows_layout(parameter, shape):
+    """The layout of a `(C, ...)` array of `shape` that keeps its rows on
+    the devices that hold `parameter`'s rows; None: the default layout.
+
+    Only JAX runs `keras.distribution` in Keras 3.15: elsewhere a variable
+    is never split, so this is None.
+    """
+    del parameter, shape
+    return None
+
+
+def compiled_train_step(model, x, y):
+    """The XLA-compiled training step of `model` (JAX only)."""
+    del model, x, y
+    raise ValueError(
+        "Compiling the training step for inspection needs the JAX backend: "
+        "in Keras 3.15 keras.distribution runs on JAX only. "
+        f"Received: KERAS_BACKEND={_BACKEND!r}"
+    )
 
 
 def can_read_variables(variable):
@@ -134,9 +158,11 @@ elif _BACKEND == "jax":
     )
     from keras_dis.src.backend.jax import after_step_loss  # noqa: F811
     from keras_dis.src.backend.jax import can_read_variables  # noqa: F811
+    from keras_dis.src.backend.jax import compiled_train_step  # noqa: F811
     from keras_dis.src.backend.jax import sync_training_state  # noqa: F811
     from keras_dis.src.backend.jax import training_value  # noqa: F811
     from keras_dis.src.backend.jax import raise_input_error
+    from keras_dis.src.backend.jax import rows_layout  # noqa: F811
     from keras_dis.src.backend.jax import scatter_rows
     from keras_dis.src.backend.jax import take_rows  # noqa: F811
 elif _BACKEND == "torch":
@@ -154,6 +180,7 @@ else:
 __all__ = [
     "after_step_loss",
     "can_read_variables",
+    "compiled_train_step",
     "sync_training_state",
     "training_value",
     "MAY_DEFER_INPUT_ERRORS",
@@ -161,6 +188,7 @@ __all__ = [
     "READS_OPTIMIZER_VARIABLES_IN_STEP",
     "raise_input_error",
     "randint",
+    "rows_layout",
     "scatter_rows",
     "select",
     "stable_value",

@@ -39,6 +39,50 @@ def take_rows(values, indices):
     return jnp.take(values, indices, axis=0, mode="clip")
 
 
+def rows_layout(parameter, shape):
+    """The sharding of a `(C, ...)` array of `shape` whose rows live where
+    `parameter`'s rows live (its first axis split the same way), on the
+    same mesh; None when `parameter` is not on a mesh.
+
+    An array of `parameter`'s rank or more, `(C, ...) + parameter.shape[1:]`
+    (optimizer slots stacked on axis 1), also splits its trailing axes like
+    `parameter`; the axes in between are whole.
+    """
+    sharding = getattr(parameter.value, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (
+        len(parameter.shape) - len(sharding.spec)
+    )
+    trailing = spec[1:] if len(shape) >= len(spec) else ()
+    middle = (None,) * (len(shape) - 1 - len(trailing))
+    return jax.sharding.NamedSharding(
+        sharding.mesh,
+        jax.sharding.PartitionSpec(spec[0], *middle, *trailing),
+    )
+
+
+def compiled_train_step(model, x, y):
+    """`model`'s training step compiled for the batch `(x, y)`, as `fit`
+    compiles it: the state as laid out now, the batch laid out by the
+    current distribution, the state's layout kept by the step."""
+    from keras.src.backend.jax import trainer as jax_trainer
+    from keras.src.distribution import distribution_lib
+
+    data = (x, y)
+    model._symbolic_build(data_batch=data)
+    state = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+    )
+    out_shardings = None
+    if distribution_lib.distribution() is not None:
+        out_shardings = (None, model._get_state_sharding_spec())
+    step = jax.jit(model.train_step, donate_argnums=0, out_shardings=out_shardings)
+    return step.lower(state, jax_trainer._distribute_data(data)).compile()
+
 
 # A step that raised would lose the training state (Keras's JAX trainer
 # donates it to the step): the step records the error in the head instead,
