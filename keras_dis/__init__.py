@@ -1,6 +1,7 @@
 """keras_dis: fast knowledge distillation for many classes (DIS), Keras 3."""
 
 from keras_dis.src import diagnostics
+from keras_dis.src import distribution
 from keras_dis.src import losses
 from keras_dis.src import proposals
 from keras_dis.src.callbacks import ProposalScheduler
@@ -25,6 +26,7 @@ __all__ = [
     "TeacherCache",
     "TeacherCacheDataset",
     "diagnostics",
+    "distribution",
     "export_student",
     "losses",
     "pack_teacher_targets",

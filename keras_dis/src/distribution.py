@@ -69,15 +69,23 @@ def head_layout_map(
 
     Example:
 
-    >>> mesh = keras.distribution.DeviceMesh(
-    ...     (1, 1), ("batch", "model"), keras.distribution.list_devices()[:1]
-    ... )
-    >>> layout_map = head_layout_map(mesh)
-    >>> layout_map["student/sampled_distillation_head/kernel"].axes
-    ('model', None)
-    >>> layout_map["student/sampled_distillation_head_1/bias"].axes
-    ('model',)
+    ```python
+    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"))
+    layout_map = keras_dis.distribution.head_layout_map(mesh)
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        )
+    )
+    # Build, compile and fit the student or Distiller as on one device.
+    ```
     """
+    if keras.distribution is None:
+        raise ValueError(
+            "keras.distribution is not available on this backend (in Keras "
+            "3.15 it runs on JAX). Received: "
+            f"KERAS_BACKEND={keras.backend.backend()!r}"
+        )
     if not isinstance(device_mesh, keras.distribution.DeviceMesh):
         raise ValueError(
             "`device_mesh` must be a keras.distribution.DeviceMesh. "

@@ -38,8 +38,12 @@ def class_major_initial_kernel(initializer, shape, dtype):
         A tensor (or NumPy array, for large fan-scaled kernels) of `shape`.
     """
     num_classes, features_dim = shape
-    if num_classes * features_dim < _BLOCKWISE_INIT_MIN_SIZE or not isinstance(
-        initializer, keras.initializers.VarianceScaling
+    if (
+        num_classes * features_dim < _BLOCKWISE_INIT_MIN_SIZE
+        or not isinstance(initializer, keras.initializers.VarianceScaling)
+        # Keras creates a large variable split over devices by a compiled
+        # initialiser, whose shards XLA generates on their devices.
+        or backend.is_tracing()
     ):
         return ops.transpose(initializer((features_dim, num_classes), dtype))
     fan = {
@@ -71,6 +75,19 @@ def class_major_initial_kernel(initializer, shape, dtype):
                 block = block * stddev
         kernel[start : start + len(block)] = block
     return kernel
+
+
+class ClassMajorKernelInitializer:
+    """Initialises a head's kernel: `class_major_initial_kernel` for a
+    Keras initializer (an object, not a closure: Keras compiles the
+    `__call__` of the initialiser of a large variable split over devices).
+    """
+
+    def __init__(self, initializer):
+        self.initializer = initializer
+
+    def __call__(self, shape, dtype=None):
+        return class_major_initial_kernel(self.initializer, shape, dtype)
 
 
 @keras.saving.register_keras_serializable(package="keras_dis")
@@ -205,8 +222,8 @@ class SampledDistillationHead(keras.layers.Layer):
             self.kernel = self.add_weight(
                 name="kernel",
                 shape=(self.num_classes, features_dim),
-                initializer=lambda shape, dtype: class_major_initial_kernel(
-                    self.kernel_initializer, shape, dtype
+                initializer=ClassMajorKernelInitializer(
+                    self.kernel_initializer
                 ),
             )
             self.bias = (
@@ -219,7 +236,10 @@ class SampledDistillationHead(keras.layers.Layer):
                 else None
             )
         except ValueError as error:
-            if keras.distribution.distribution() is None:
+            if (
+                keras.distribution is None  # PyTorch: no distribution API
+                or keras.distribution.distribution() is None
+            ):
                 raise
             raise ValueError(
                 f"SampledDistillationHead {self.name!r} cannot lay out its "
@@ -444,7 +464,9 @@ class SampledDistillationHead(keras.layers.Layer):
         With few classes (`sampled_softmax.computes_every_class`), all
         logits come from one matmul and the subset's are picked from them,
         which is cheaper than gathering `batch * n` rows; no rows are then
-        returned.
+        returned. Neither are they when the kernel's rows are split over
+        devices (`keras.distribution`): each device computes the logits of
+        its own classes and the partial logits are summed.
 
         Args:
             features: float tensor `(batch, d)`.
@@ -460,6 +482,15 @@ class SampledDistillationHead(keras.layers.Layer):
             )
             logits = ops.take_along_axis(
                 logits, ops.cast(classes, "int32"), axis=-1
+            )
+            return logits, None
+        shards = backend.row_shards(self.kernel)
+        if shards is not None:
+            # Rows split over devices: partial logits summed across them.
+            logits = backend.sharded_subset_logits(
+                shards, self.kernel.value,
+                self.bias.value if self.use_bias else None,
+                features, classes,
             )
             return logits, None
         rows = self.gather_rows(classes)

@@ -345,6 +345,13 @@ class RowSparseOptimizer:
                 classes, logit_gradients, features, valid, step, learning_rate
             )
             return
+        shards = backend.row_shards(self.head.kernel)
+        if shards is not None:
+            self._update_row_shards(
+                shards, classes, logit_gradients, features, valid, step,
+                learning_rate,
+            )
+            return
         classes = ops.reshape(ops.cast(classes, "int32"), (-1,))
         entry_gradients = self._entry_gradients(logit_gradients, features)
         leaders = group_leaders(classes, self.group_leaders)
@@ -435,6 +442,88 @@ class RowSparseOptimizer:
                         touched, self._stack_slots(new_slots), slot_values
                     )
                 )
+
+    def _update_row_shards(
+        self, shards, classes, logit_gradients, features, valid, step,
+        learning_rate,
+    ):
+        """The same lazy update when the head's rows are split over devices
+        (`keras.distribution`): every device gets the batch's entries
+        (class ids, logit gradients, features: `O(batch * (n + d))` bytes)
+        and updates the rows it holds, in place; no row, state or gradient
+        of another device's classes crosses devices."""
+        classes = ops.reshape(ops.cast(classes, "int32"), (-1,))
+        slotted = [slots is not None for slots in self.slots]
+        row_arrays = [parameter.value for parameter in self.parameters]
+        row_arrays += [slots.value for slots in self.slots if slots is not None]
+        row_arrays.append(self.group_leaders.value)
+        num_parameters = len(self.parameters)
+
+        def update_local_rows(offset, row_arrays, entries):
+            classes, logit_gradients, features, valid, step, learning_rate = (
+                entries
+            )
+            parameters = row_arrays[:num_parameters]
+            slot_values = iter(row_arrays[num_parameters:-1])
+            scratch = row_arrays[-1]
+            num_rows = scratch.shape[0]
+            index = classes - offset
+            mine = ops.logical_and(index >= 0, index < num_rows)
+            # Entries of other devices' classes are read at row 0 (and
+            # masked) and written nowhere (out of range: dropped).
+            read_index = ops.where(mine, index, 0)
+            write_index = ops.where(mine, index, num_rows)
+            positions = ops.arange(ops.shape(classes)[0], dtype="int32")
+            scratch = backend.write_rows(scratch, write_index, positions)
+            leaders = ops.where(
+                mine, ops.take(scratch, read_index, axis=0), positions
+            )
+            gradients = [
+                sum_groups(g, leaders)
+                for g in self._entry_gradients(logit_gradients, features)
+            ]
+            new_parameters, new_slots = [], []
+            for parameter, has_slots, gradient in zip(
+                parameters, slotted, gradients
+            ):
+                rows = ops.take(parameter, read_index, axis=0)
+                slots = next(slot_values) if has_slots else None
+                slot_rows = (
+                    None if slots is None else ops.take(slots, read_index, axis=0)
+                )
+                new_rows, new_slot_rows = update_rows(
+                    self.optimizer, rows, gradient,
+                    self._split_slots(slot_rows), step, learning_rate,
+                )
+                new_parameters.append(
+                    backend.write_rows(
+                        parameter, write_index,
+                        backend.select(valid, new_rows, rows),
+                    )
+                )
+                if slots is not None:
+                    new_slots.append(
+                        backend.write_rows(
+                            slots, write_index,
+                            backend.select(
+                                valid, self._stack_slots(new_slot_rows),
+                                slot_rows,
+                            ),
+                        )
+                    )
+            return new_parameters + new_slots + [scratch]
+
+        new_arrays = backend.map_row_shards(
+            update_local_rows,
+            shards,
+            row_arrays,
+            [classes, logit_gradients, features, valid, step, learning_rate],
+        )
+        variables = list(self.parameters)
+        variables += [slots for slots in self.slots if slots is not None]
+        variables.append(self.group_leaders)
+        for variable, value in zip(variables, new_arrays):
+            variable.assign(value)
 
     def _entry_gradients(self, logit_gradients, features):
         """Each entry's gradients of the kernel (and bias) rows, flat:

@@ -24,8 +24,14 @@ MODEL_SHARDS = MESH_SHAPE[1]
 # no other dimension of the step, so a class-sized collective is visible.
 NUM_CLASSES, FEATURES_DIM, BATCH_SIZE, K = 2**15, 16, 32, 10
 NUM_EXAMPLES, INPUT_DIM, TOP_R, EPOCHS = 128, 12, 40, 2
+FEW_CLASSES = 128
 METHODS = ("dis", "uniform", "ftis", "full")
 PATHS = ("distiller", "plain")
+# Every method on both paths, and the head trained by the model's optimizer
+# (its dense gradient flowing through the split logits).
+CASES = [(method, path) for method in METHODS for path in PATHS] + [
+    ("dis", "dense_head")
+]
 
 on_jax = pytest.mark.skipif(
     keras.backend.backend() != "jax",
@@ -37,20 +43,20 @@ on_jax = pytest.mark.skipif(
 # The child process.
 
 
-def _data():
+def _data(num_classes=NUM_CLASSES):
     import keras_dis
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(NUM_EXAMPLES, INPUT_DIM)).astype("float32")
-    labels = rng.integers(0, NUM_CLASSES, NUM_EXAMPLES)
-    teacher_logits = 3 * rng.normal(size=(NUM_EXAMPLES, NUM_CLASSES))
+    labels = rng.integers(0, num_classes, NUM_EXAMPLES)
+    teacher_logits = 3 * rng.normal(size=(NUM_EXAMPLES, num_classes))
     targets = keras_dis.pack_teacher_targets(
         labels, teacher_logits.astype("float32"), top_r=TOP_R
     )
     return x, targets
 
 
-def _model(method, path):
+def _model(method, path, num_classes=NUM_CLASSES):
     """A student with a trainable body, compiled for `path`."""
     import keras_dis
 
@@ -59,10 +65,12 @@ def _model(method, path):
     features = keras.layers.Dense(FEATURES_DIM, activation="relu")(inputs)
     own_optimizer = path == "plain" and method != "full"
     head = keras_dis.SampledDistillationHead(
-        NUM_CLASSES, seed=3, optimizer="adam" if own_optimizer else None
+        num_classes, seed=3, optimizer="adam" if own_optimizer else None
     )
     student = keras.Model(inputs, head(features))
-    model = student if path == "plain" else keras_dis.Distiller(None, student)
+    model = student if path == "plain" else keras_dis.Distiller(
+        None, student, row_sparse_updates=path != "dense_head"
+    )
     model.compile(
         optimizer=keras.optimizers.Adam(0.01),
         loss=keras_dis.DISLoss(k=K, proposal=method, temperature=2.0),
@@ -89,8 +97,8 @@ def _shardings(head):
     return shardings
 
 
-def _train(method, path, x, targets):
-    model, head = _model(method, path)
+def _train(method, path, x, targets, num_classes=NUM_CLASSES):
+    model, head = _model(method, path, num_classes)
     history = model.fit(
         x, targets, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False,
         verbose=0,
@@ -137,29 +145,27 @@ def _run_cases(work_dir):
     x, targets = _data()
     results = {"devices": len(keras.distribution.list_devices())}
     single = {}
-    for method in METHODS:
-        for path in PATHS:
-            model, _, losses = _train(method, path, x, targets)
-            single[method, path] = (losses, _weights(model))
-    for method in METHODS:
-        for path in PATHS:
-            with _model_parallel().scope():
-                model, head, losses = _train(method, path, x, targets)
-                step = distribution.compiled_train_step(
-                    model, x[:BATCH_SIZE], targets[:BATCH_SIZE]
-                )
-                collectives = distribution.step_collectives(step)
-            single_losses, single_weights = single[method, path]
-            results[f"{method}/{path}"] = {
-                "losses": losses,
-                "single_losses": single_losses,
-                "weight_difference": _max_difference(
-                    _weights(model), single_weights
-                ),
-                "shardings": _shardings(head),
-                "collective_bytes": sum(size for _, _, size in collectives),
-                "class_sized_collectives": _class_sized(collectives),
-            }
+    for method, path in CASES:
+        model, _, losses = _train(method, path, x, targets)
+        single[method, path] = (losses, _weights(model))
+    for method, path in CASES:
+        with _model_parallel().scope():
+            model, head, losses = _train(method, path, x, targets)
+            step = distribution.compiled_train_step(
+                model, x[:BATCH_SIZE], targets[:BATCH_SIZE]
+            )
+            collectives = distribution.step_collectives(step)
+        single_losses, single_weights = single[method, path]
+        results[f"{method}/{path}"] = {
+            "losses": losses,
+            "single_losses": single_losses,
+            "weight_difference": _max_difference(
+                _weights(model), single_weights
+            ),
+            "shardings": _shardings(head),
+            "collective_bytes": sum(size for _, _, size in collectives),
+            "class_sized_collectives": _class_sized(collectives),
+        }
     for name, make in (
         ("plain_keras", _plain_keras_model_parallel),
         (
@@ -178,9 +184,34 @@ def _run_cases(work_dir):
             ),
             "shardings": _shardings(head),
         }
+    results["few_classes"] = _few_classes()
     results["saving"] = _save_and_load(work_dir, x, targets)
     results["indivisible_error"] = _indivisible_error()
     return results
+
+
+def _few_classes():
+    """With 128 classes the step computes every logit by one matmul (see
+    `sampled_softmax.computes_every_class`): sharded, it trains the same."""
+    x, targets = _data(FEW_CLASSES)
+    runs = []
+    for make in (None, _model_parallel):
+        if make is None:
+            model, head, losses = _train(
+                "dis", "distiller", x, targets, FEW_CLASSES
+            )
+        else:
+            with make().scope():
+                model, head, losses = _train(
+                    "dis", "distiller", x, targets, FEW_CLASSES
+                )
+        runs.append((losses, _weights(model), _shardings(head)))
+    return {
+        "single_losses": runs[0][0],
+        "losses": runs[1][0],
+        "weight_difference": _max_difference(runs[0][1], runs[1][1]),
+        "shardings": runs[1][2],
+    }
 
 
 def _indivisible_error():
@@ -260,8 +291,7 @@ def test_the_child_has_eight_devices(runs):
 
 
 @on_jax
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method, path", CASES)
 def test_sharded_training_matches_one_device(runs, method, path):
     run = runs[f"{method}/{path}"]
     np.testing.assert_allclose(run["losses"], run["single_losses"], rtol=1e-5)
@@ -269,8 +299,7 @@ def test_sharded_training_matches_one_device(runs, method, path):
 
 
 @on_jax
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method, path", CASES)
 def test_each_device_holds_its_share_of_the_head(runs, method, path):
     shardings = runs[f"{method}/{path}"]["shardings"]
     rows = NUM_CLASSES // MODEL_SHARDS
@@ -282,7 +311,7 @@ def test_each_device_holds_its_share_of_the_head(runs, method, path):
         if sharding["shape"][:1] == [NUM_CLASSES]
         and name not in ("kernel", "bias", "rank_proposal")
     ]
-    if method == "full":
+    if method == "full" or path == "dense_head":
         assert row_state == []  # the model's optimizer trains it densely
         return
     # Adam's moments of the kernel and the bias, and the group scratch.
@@ -305,9 +334,13 @@ def test_each_device_holds_its_share_of_the_head(runs, method, path):
 def test_sampled_step_communicates_no_class_sized_array(runs, method, path):
     run = runs[f"{method}/{path}"]
     assert run["class_sized_collectives"] == []
-    # Less than one device's rows of the kernel, in all.
-    rows = NUM_CLASSES // MODEL_SHARDS
-    assert 0 < run["collective_bytes"] < rows * FEATURES_DIM * 4
+    # Partial logits and feature gradients, the entries' ids, logit
+    # gradients and features, the body's gradients: O(B * (k + d)) bytes,
+    # less than the B * (k + 1) gathered rows of d floats would take.
+    body_bytes = (INPUT_DIM + 1) * FEATURES_DIM * 4
+    bound = 4 * BATCH_SIZE * (K + 1 + FEATURES_DIM) * 4 + body_bytes
+    assert bound < BATCH_SIZE * (K + 1) * FEATURES_DIM * 4
+    assert 0 < run["collective_bytes"] < bound
 
 
 @on_jax
@@ -337,6 +370,16 @@ def test_plain_keras_distributions_train_the_head(runs, name):
 
 
 @on_jax
+def test_few_classes_every_class_step_matches_one_device(runs):
+    run = runs["few_classes"]
+    np.testing.assert_allclose(run["losses"], run["single_losses"], rtol=1e-5)
+    assert run["weight_difference"] < 1e-5
+    assert run["shardings"]["kernel_momentum_velocity"]["shard_shape"] == [
+        FEW_CLASSES // MODEL_SHARDS, 2, FEATURES_DIM,
+    ]
+
+
+@on_jax
 def test_a_sharded_distiller_saves_and_loads(runs):
     saving = runs["saving"]
     assert saving["weight_difference"] == 0.0
@@ -362,7 +405,9 @@ def test_a_class_count_the_mesh_cannot_split_raises(runs):
 
 
 def test_head_layout_map_checks_its_arguments():
-    with pytest.raises(ValueError, match="device_mesh"):
+    # PyTorch has no keras.distribution: the error says so.
+    match = "device_mesh" if keras.distribution is not None else "KERAS_BACKEND"
+    with pytest.raises(ValueError, match=match):
         distribution.head_layout_map("mesh")
 
 

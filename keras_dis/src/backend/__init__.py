@@ -67,6 +67,18 @@ def compiled_train_step(model, x, y):
     )
 
 
+def row_shards(variable):
+    """`(mesh, row_axis)` when `variable`'s rows are split over devices;
+    None on one device (and on backends without `keras.distribution`)."""
+    del variable
+    return None
+
+
+def is_tracing():
+    """Whether the code runs inside a traced (compiled) function."""
+    return False
+
+
 def can_read_variables(variable):
     """Whether the host can read `variable`'s value now."""
     del variable
@@ -159,6 +171,11 @@ elif _BACKEND == "jax":
     from keras_dis.src.backend.jax import after_step_loss  # noqa: F811
     from keras_dis.src.backend.jax import can_read_variables  # noqa: F811
     from keras_dis.src.backend.jax import compiled_train_step  # noqa: F811
+    from keras_dis.src.backend.jax import is_tracing  # noqa: F811
+    from keras_dis.src.backend.jax import map_row_shards
+    from keras_dis.src.backend.jax import row_shards  # noqa: F811
+    from keras_dis.src.backend.jax import sharded_subset_logits
+    from keras_dis.src.backend.jax import write_rows
     from keras_dis.src.backend.jax import sync_training_state  # noqa: F811
     from keras_dis.src.backend.jax import training_value  # noqa: F811
     from keras_dis.src.backend.jax import raise_input_error
@@ -181,6 +198,7 @@ __all__ = [
     "after_step_loss",
     "can_read_variables",
     "compiled_train_step",
+    "is_tracing",
     "sync_training_state",
     "training_value",
     "MAY_DEFER_INPUT_ERRORS",
@@ -189,6 +207,7 @@ __all__ = [
     "raise_input_error",
     "randint",
     "rows_layout",
+    "row_shards",
     "scatter_rows",
     "select",
     "stable_value",

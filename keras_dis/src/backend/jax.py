@@ -39,6 +39,120 @@ def take_rows(values, indices):
     return jnp.take(values, indices, axis=0, mode="clip")
 
 
+def is_tracing():
+    """Whether the code runs inside a traced JAX function (e.g. the jitted
+    initialiser with which Keras creates a large sharded variable)."""
+    from keras.src.utils import jax_utils
+
+    return jax_utils.is_in_jax_tracing_scope()
+
+
+def row_shards(variable):
+    """`(mesh, row_axis)` when `variable`'s rows are split over the mesh
+    axis `row_axis` (a `keras.distribution` layout) and its other axes are
+    whole; else None."""
+    layout = getattr(variable, "_layout", None)
+    if isinstance(layout, keras.distribution.TensorLayout):
+        layout = layout.backend_layout
+    if not isinstance(layout, jax.sharding.NamedSharding):
+        return None
+    spec = tuple(layout.spec)
+    if not spec or spec[0] is None or any(axis is not None for axis in spec[1:]):
+        return None
+    return layout.mesh, spec[0]
+
+
+def _batch_spec(mesh, row_axis):
+    """The partition of a batch: over the distribution's batch axis."""
+    distribution = keras.distribution.distribution()
+    batch_axis = getattr(distribution, "batch_dim_name", None)
+    if batch_axis in mesh.axis_names and batch_axis != row_axis:
+        return jax.sharding.PartitionSpec(batch_axis)
+    return jax.sharding.PartitionSpec()
+
+
+def _row_offset(row_axis, num_rows):
+    """The first class of this device's rows."""
+    return jax.lax.axis_index(row_axis) * num_rows
+
+
+def sharded_subset_logits(shards, kernel, bias, features, classes):
+    """Logits `(batch, n)` of `classes` when the kernel's rows are split
+    over devices: each device computes the logits of the classes it holds
+    from its own rows (zero for the others) and the partial logits are
+    summed, `O(batch * n)` bytes; the gradient of `features` is likewise
+    summed, `O(batch * d)`. Nothing of size `C` leaves a device.
+
+    Args:
+        shards: `(mesh, row_axis)` of `row_shards(kernel)`.
+        kernel: `(C, d)` array, rows split over `row_axis`.
+        bias: `(C,)` array split alike, or None.
+        features: `(batch, d)` array.
+        classes: int `(batch, n)` array.
+    """
+    mesh, row_axis = shards
+    rows_spec = jax.sharding.PartitionSpec(row_axis)
+    batch_spec = _batch_spec(mesh, row_axis)
+
+    def local_logits(kernel, features, classes, *bias):
+        num_rows = kernel.shape[0]
+        index = classes - _row_offset(row_axis, num_rows)
+        mine = (index >= 0) & (index < num_rows)
+        rows = jnp.take(kernel, index, axis=0, mode="clip")
+        logits = jnp.einsum("bd,bnd->bn", features, rows.astype(features.dtype))
+        if bias:
+            logits = logits + jnp.take(bias[0], index, mode="clip").astype(
+                logits.dtype
+            )
+        return jax.lax.psum(jnp.where(mine, logits, 0), row_axis)
+
+    extra = () if bias is None else (bias,)
+    return jax.shard_map(
+        local_logits,
+        mesh=mesh,
+        in_specs=(rows_spec, batch_spec, batch_spec) + (rows_spec,) * len(extra),
+        out_specs=batch_spec,
+    )(kernel, features, classes.astype("int32"), *extra)
+
+
+def map_row_shards(function, shards, row_arrays, entries):
+    """Runs `function` on every device with the rows it holds.
+
+    Args:
+        function: `function(row_offset, local_row_arrays, entries)` returns
+            the new `local_row_arrays` (a list, same shapes).
+        shards: `(mesh, row_axis)` of `row_shards`.
+        row_arrays: list of `(C, ...)` arrays split by rows like the kernel.
+        entries: list of arrays every device gets whole (the batch's
+            entries, gathered over the batch axis: `O(batch * (n + d))`).
+
+    Returns:
+        The list of new `(C, ...)` arrays, split as before.
+    """
+    mesh, row_axis = shards
+    rows_spec = jax.sharding.PartitionSpec(row_axis)
+
+    def local(row_arrays, entries):
+        offset = _row_offset(row_axis, row_arrays[0].shape[0])
+        return function(offset, row_arrays, entries)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(
+            [rows_spec] * len(row_arrays),
+            [jax.sharding.PartitionSpec()] * len(entries),
+        ),
+        out_specs=[rows_spec] * len(row_arrays),
+    )(list(row_arrays), list(entries))
+
+
+def write_rows(values, indices, rows):
+    """`values` with `rows` written at `indices`; out-of-range indices
+    (`>= len(values)`) are dropped."""
+    return values.at[indices].set(rows.astype(values.dtype), mode="drop")
+
+
 def rows_layout(parameter, shape):
     """The sharding of a `(C, ...)` array of `shape` whose rows live where
     `parameter`'s rows live (its first axis split the same way), on the
