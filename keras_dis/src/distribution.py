@@ -8,11 +8,13 @@ kernel over classes (`head_layout_map` builds that map):
 
 - the head's row-sparse optimizer state (`(C, ...)` arrays) follows the
   kernel's split by itself, with no entry in the layout map;
-- in the compiled step every device draws the same classes, gathers the
-  rows of the ones it holds (the others read as zeros) and the partial
-  logits are summed over the devices: collectives of `O(B * k * d)`
-  bytes, never `O(C)` (`step_collectives` lists them); each device
-  writes its own rows back;
+- in the compiled step every device draws the same classes; each computes
+  the logits of the classes it holds from its own rows (zero for the
+  others) and the partial logits are summed across devices; the gradient
+  of the features is summed alike; every device then receives the batch's
+  class ids, logit gradients and features and updates the rows it holds,
+  with their optimizer state, in place. The collectives are `O(B * (k +
+  d))` bytes, never `O(C)` (`step_collectives` lists them);
 - the estimator is the one of a single device, so the losses and weights
   match a one-device run to float tolerance.
 

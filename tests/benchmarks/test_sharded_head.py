@@ -15,7 +15,7 @@ from tests.benchmarks import runner
 def test_sharded_head_writes_the_step_and_capacity_tables(tmp_path):
     output = os.path.join(tmp_path, "sharded.csv")
     rows, stdout = runner.run_benchmark(
-        "sharded_head.py", "--classes", "4096", "4098", "--shards", "2",
+        "sharded_head.py", "--classes", "4096", "4097", "--shards", "2",
         "--steps", "2", "--repeats", "1", "--batch-size", "32",
         "--budgets-gib", "1", "80", "--output", output,
     )

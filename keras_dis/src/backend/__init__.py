@@ -9,12 +9,14 @@ A backend module may also implement `take_rows(values, indices)`,
 `segment_sum(data, segment_ids, num_segments)`,
 `uniform(shape, seed_generator)`, `randint(shape, maxval, seed_generator)`
 and `stable_value(variable)` where Keras's own op is slow or unsafe on it;
-otherwise those are Keras's. It may implement `rows_layout(parameter,
-shape)`, the layout of optimizer state split like a sharded parameter. It
-may set
-`PAIRWISE_RANK_MAX_SIZE`, the largest set whose ranks are cheaper from
-pairwise comparisons than from a sort (0: always sort),
-`READS_OPTIMIZER_VARIABLES_IN_STEP` and `MAY_DEFER_INPUT_ERRORS`.
+otherwise those are Keras's. The JAX module also implements the head
+split over devices by `keras.distribution` (the only backend where Keras
+3.15 runs it): `row_shards`, `rows_layout`, `sharded_subset_logits`,
+`map_row_shards`, `write_rows` and `compiled_train_step`; elsewhere a head
+is never split. A backend module may set `PAIRWISE_RANK_MAX_SIZE`, the
+largest set whose ranks are cheaper from pairwise comparisons than from a
+sort (0: always sort), `READS_OPTIMIZER_VARIABLES_IN_STEP` and
+`MAY_DEFER_INPUT_ERRORS`.
 """
 
 import contextlib
