@@ -476,7 +476,7 @@ class RowSparseOptimizer:
             positions = ops.arange(ops.shape(classes)[0], dtype="int32")
             scratch = backend.write_rows(scratch, write_index, positions)
             leaders = ops.where(
-                mine, ops.take(scratch, read_index, axis=0), positions
+                mine, backend.take_rows(scratch, read_index), positions
             )
             gradients = [
                 sum_groups(g, leaders)
@@ -486,10 +486,10 @@ class RowSparseOptimizer:
             for parameter, has_slots, gradient in zip(
                 parameters, slotted, gradients
             ):
-                rows = ops.take(parameter, read_index, axis=0)
+                rows = backend.take_rows(parameter, read_index)
                 slots = next(slot_values) if has_slots else None
                 slot_rows = (
-                    None if slots is None else ops.take(slots, read_index, axis=0)
+                    None if slots is None else backend.take_rows(slots, read_index)
                 )
                 new_rows, new_slot_rows = update_rows(
                     self.optimizer, rows, gradient,

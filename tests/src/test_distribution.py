@@ -6,6 +6,7 @@ process (`python -m tests.src.test_distribution OUT.json`) started with
 once on one device and once on the mesh, and the tests read its results.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -56,18 +57,27 @@ def _data(num_classes=NUM_CLASSES):
     return x, targets
 
 
-def _model(method, path, num_classes=NUM_CLASSES):
-    """A student with a trainable body, compiled for `path`."""
+def _student_model(num_classes=NUM_CLASSES, head_optimizer=None):
+    """A student with a trainable body, and its head."""
     import keras_dis
 
     keras.utils.set_random_seed(1)
     inputs = keras.Input((INPUT_DIM,))
     features = keras.layers.Dense(FEATURES_DIM, activation="relu")(inputs)
-    own_optimizer = path == "plain" and method != "full"
     head = keras_dis.SampledDistillationHead(
-        num_classes, seed=3, optimizer="adam" if own_optimizer else None
+        num_classes, seed=3, optimizer=head_optimizer
     )
-    student = keras.Model(inputs, head(features))
+    return keras.Model(inputs, head(features)), head
+
+
+def _model(method, path, num_classes=NUM_CLASSES):
+    """A student compiled for `path`, and its head."""
+    import keras_dis
+
+    own_optimizer = path == "plain" and method != "full"
+    student, head = _student_model(
+        num_classes, "adam" if own_optimizer else None
+    )
     model = student if path == "plain" else keras_dis.Distiller(
         None, student, row_sparse_updates=path != "dense_head"
     )
@@ -185,6 +195,7 @@ def _run_cases(work_dir):
             "shardings": _shardings(head),
         }
     results["few_classes"] = _few_classes()
+    results["online_teacher"] = _online_teacher(x)
     results["saving"] = _save_and_load(work_dir, x, targets)
     results["indivisible_error"] = _indivisible_error()
     return results
@@ -205,6 +216,39 @@ def _few_classes():
                 model, head, losses = _train(
                     "dis", "distiller", x, targets, FEW_CLASSES
                 )
+        runs.append((losses, _weights(model), _shardings(head)))
+    return {
+        "single_losses": runs[0][0],
+        "losses": runs[1][0],
+        "weight_difference": _max_difference(runs[0][1], runs[1][1]),
+        "shardings": runs[1][2],
+    }
+
+
+def _online_teacher(x):
+    """A `Distiller` whose teacher ranks the classes in the step (labels as
+    `y`): the teacher stays whole on every device, the head is split."""
+    import keras_dis
+
+    labels = np.random.default_rng(1).integers(0, NUM_CLASSES, NUM_EXAMPLES)
+    runs = []
+    for make in (None, _model_parallel):
+        scope = make().scope() if make else contextlib.nullcontext()
+        with scope:
+            keras.utils.set_random_seed(2)
+            teacher = keras.Sequential(
+                [keras.Input((INPUT_DIM,)), keras.layers.Dense(NUM_CLASSES)]
+            )
+            student, head = _student_model()
+            model = keras_dis.Distiller(teacher, student, top_r=TOP_R)
+            model.compile(
+                optimizer=keras.optimizers.Adam(0.01),
+                loss=keras_dis.DISLoss(k=K),
+            )
+            losses = model.fit(
+                x, labels, batch_size=BATCH_SIZE, epochs=EPOCHS,
+                shuffle=False, verbose=0,
+            ).history["loss"]
         runs.append((losses, _weights(model), _shardings(head)))
     return {
         "single_losses": runs[0][0],
@@ -377,6 +421,16 @@ def test_few_classes_every_class_step_matches_one_device(runs):
     assert run["shardings"]["kernel_momentum_velocity"]["shard_shape"] == [
         FEW_CLASSES // MODEL_SHARDS, 2, FEATURES_DIM,
     ]
+
+
+@on_jax
+def test_an_online_teacher_distils_into_a_split_head(runs):
+    run = runs["online_teacher"]
+    np.testing.assert_allclose(run["losses"], run["single_losses"], rtol=1e-5)
+    assert run["weight_difference"] < 1e-5
+    assert run["shardings"]["kernel"]["shard_shape"][0] == (
+        NUM_CLASSES // MODEL_SHARDS
+    )
 
 
 @on_jax
