@@ -116,6 +116,19 @@ def _train(method, path, x, targets, num_classes=NUM_CLASSES):
     return model, head, history.history["loss"]
 
 
+def _evaluate(model, x, targets):
+    """The exact full-softmax loss of `evaluate`, and the top-1 classes of
+    `predict` (full logits)."""
+    loss = model.evaluate(x, targets, batch_size=BATCH_SIZE, verbose=0)
+    loss = loss[0] if isinstance(loss, list) else loss
+    logits = _student(model).predict(x, batch_size=BATCH_SIZE, verbose=0)
+    return {
+        "loss": float(loss),
+        "top1": np.argmax(logits, axis=-1).tolist(),
+        "logits_shape": list(logits.shape),
+    }
+
+
 def _weights(model):
     return [np.asarray(w) for w in _student(model).get_weights()]
 
@@ -157,7 +170,9 @@ def _run_cases(work_dir):
     single = {}
     for method, path in CASES:
         model, _, losses = _train(method, path, x, targets)
-        single[method, path] = (losses, _weights(model))
+        single[method, path] = (
+            losses, _weights(model), _evaluate(model, x, targets)
+        )
     for method, path in CASES:
         with _model_parallel().scope():
             model, head, losses = _train(method, path, x, targets)
@@ -165,10 +180,13 @@ def _run_cases(work_dir):
                 model, x[:BATCH_SIZE], targets[:BATCH_SIZE]
             )
             collectives = distribution.step_collectives(step)
-        single_losses, single_weights = single[method, path]
+            evaluation = _evaluate(model, x, targets)
+        single_losses, single_weights, single_evaluation = single[method, path]
         results[f"{method}/{path}"] = {
             "losses": losses,
             "single_losses": single_losses,
+            "evaluation": evaluation,
+            "single_evaluation": single_evaluation,
             "weight_difference": _max_difference(
                 _weights(model), single_weights
             ),
@@ -340,6 +358,16 @@ def test_sharded_training_matches_one_device(runs, method, path):
     run = runs[f"{method}/{path}"]
     np.testing.assert_allclose(run["losses"], run["single_losses"], rtol=1e-5)
     assert run["weight_difference"] < 1e-5
+
+
+@on_jax
+@pytest.mark.parametrize("method, path", CASES)
+def test_sharded_evaluate_and_predict_match_one_device(runs, method, path):
+    run = runs[f"{method}/{path}"]
+    evaluation, single = run["evaluation"], run["single_evaluation"]
+    assert evaluation["logits_shape"] == [NUM_EXAMPLES, NUM_CLASSES]
+    np.testing.assert_allclose(evaluation["loss"], single["loss"], rtol=1e-5)
+    assert evaluation["top1"] == single["top1"]
 
 
 @on_jax
