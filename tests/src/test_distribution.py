@@ -219,21 +219,13 @@ def _run_cases(work_dir):
     return results
 
 
-def _few_classes():
-    """With 128 classes the step computes every logit by one matmul (see
-    `sampled_softmax.computes_every_class`): sharded, it trains the same."""
-    x, targets = _data(FEW_CLASSES)
+def _single_and_sharded(train):
+    """`train()` (returning `(losses, model, head)`) on one device, then
+    under `_model_parallel()`: the sharded run against the single one."""
     runs = []
     for make in (None, _model_parallel):
-        if make is None:
-            model, head, losses = _train(
-                "dis", "distiller", x, targets, FEW_CLASSES
-            )
-        else:
-            with make().scope():
-                model, head, losses = _train(
-                    "dis", "distiller", x, targets, FEW_CLASSES
-                )
+        with make().scope() if make else contextlib.nullcontext():
+            losses, model, head = train()
         runs.append((losses, _weights(model), _shardings(head)))
     return {
         "single_losses": runs[0][0],
@@ -241,6 +233,18 @@ def _few_classes():
         "weight_difference": _max_difference(runs[0][1], runs[1][1]),
         "shardings": runs[1][2],
     }
+
+
+def _few_classes():
+    """With 128 classes the step computes every logit by one matmul (see
+    `sampled_softmax.computes_every_class`): sharded, it trains the same."""
+    x, targets = _data(FEW_CLASSES)
+
+    def train():
+        model, head, losses = _train("dis", "distiller", x, targets, FEW_CLASSES)
+        return losses, model, head
+
+    return _single_and_sharded(train)
 
 
 def _online_teacher(x):
@@ -249,31 +253,24 @@ def _online_teacher(x):
     import keras_dis
 
     labels = np.random.default_rng(1).integers(0, NUM_CLASSES, NUM_EXAMPLES)
-    runs = []
-    for make in (None, _model_parallel):
-        scope = make().scope() if make else contextlib.nullcontext()
-        with scope:
-            keras.utils.set_random_seed(2)
-            teacher = keras.Sequential(
-                [keras.Input((INPUT_DIM,)), keras.layers.Dense(NUM_CLASSES)]
-            )
-            student, head = _student_model()
-            model = keras_dis.Distiller(teacher, student, top_r=TOP_R)
-            model.compile(
-                optimizer=keras.optimizers.Adam(0.01),
-                loss=keras_dis.DISLoss(k=K),
-            )
-            losses = model.fit(
-                x, labels, batch_size=BATCH_SIZE, epochs=EPOCHS,
-                shuffle=False, verbose=0,
-            ).history["loss"]
-        runs.append((losses, _weights(model), _shardings(head)))
-    return {
-        "single_losses": runs[0][0],
-        "losses": runs[1][0],
-        "weight_difference": _max_difference(runs[0][1], runs[1][1]),
-        "shardings": runs[1][2],
-    }
+
+    def train():
+        keras.utils.set_random_seed(2)
+        teacher = keras.Sequential(
+            [keras.Input((INPUT_DIM,)), keras.layers.Dense(NUM_CLASSES)]
+        )
+        student, head = _student_model()
+        model = keras_dis.Distiller(teacher, student, top_r=TOP_R)
+        model.compile(
+            optimizer=keras.optimizers.Adam(0.01), loss=keras_dis.DISLoss(k=K)
+        )
+        history = model.fit(
+            x, labels, batch_size=BATCH_SIZE, epochs=EPOCHS, shuffle=False,
+            verbose=0,
+        )
+        return history.history["loss"], model, head
+
+    return _single_and_sharded(train)
 
 
 def _indivisible_error():
