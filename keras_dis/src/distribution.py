@@ -22,6 +22,7 @@ kernel over classes (`head_layout_map` builds that map):
 too. In Keras 3.15 the distribution API runs on JAX only.
 """
 
+import math
 import re
 
 import keras
@@ -163,10 +164,7 @@ def step_collectives(compiled_step):
         shapes, num_bytes = [], 0
         for dtype, dims in _ARRAY_SHAPE.findall(result_type):
             shape = tuple(int(size) for size in dims.split(",") if size)
-            size = 1
-            for dim in shape:
-                size *= dim
             shapes.append(shape)
-            num_bytes += size * _DTYPE_BYTES[dtype]
+            num_bytes += math.prod(shape) * _DTYPE_BYTES[dtype]
         collectives.append((op, tuple(shapes), num_bytes))
     return collectives

@@ -368,27 +368,32 @@ class RowSparseOptimizer:
                 if slots is not None
                 else None
             )
-            new_rows, new_slots = update_rows(
-                self.optimizer,
-                parameter_rows,
-                gradient,
-                self._split_slots(slot_rows),
-                step,
-                learning_rate,
+            new_rows, new_slot_rows = self._gated_update(
+                parameter_rows, slot_rows, gradient, valid, step, learning_rate
             )
-            backend.scatter_rows(
-                parameter,
-                classes,
-                backend.select(valid, new_rows, parameter_rows),
-            )
+            backend.scatter_rows(parameter, classes, new_rows)
             if slots is not None:
-                backend.scatter_rows(
-                    slots,
-                    classes,
-                    backend.select(
-                        valid, self._stack_slots(new_slots), slot_rows
-                    ),
-                )
+                backend.scatter_rows(slots, classes, new_slot_rows)
+
+    def _gated_update(
+        self, rows, slot_rows, gradient, valid, step, learning_rate
+    ):
+        """The optimizer's update of some rows and their stacked slot rows
+        (None without slots), or the rows unchanged when not `valid`."""
+        new_rows, new_slots = update_rows(
+            self.optimizer,
+            rows,
+            gradient,
+            self._split_slots(slot_rows),
+            step,
+            learning_rate,
+        )
+        new_rows = backend.select(valid, new_rows, rows)
+        if slot_rows is None:
+            return new_rows, None
+        return new_rows, backend.select(
+            valid, self._stack_slots(new_slots), slot_rows
+        )
 
     def _update_every_row(
         self, classes, logit_gradients, features, valid, step, learning_rate
@@ -452,25 +457,18 @@ class RowSparseOptimizer:
         (class ids, logit gradients, features: `O(batch * (n + d))` bytes)
         and updates the rows it holds, in place; no row, state or gradient
         of another device's classes crosses devices."""
-        classes = ops.reshape(ops.cast(classes, "int32"), (-1,))
-        slotted = [slots is not None for slots in self.slots]
-        row_arrays = [parameter.value for parameter in self.parameters]
-        row_arrays += [slots.value for slots in self.slots if slots is not None]
-        row_arrays.append(self.group_leaders.value)
-        num_parameters = len(self.parameters)
 
-        def update_local_rows(offset, row_arrays, entries):
+        def update_local_rows(offset, local_rows, entries):
+            parameters, slots, scratch = local_rows
             classes, logit_gradients, features, valid, step, learning_rate = (
                 entries
             )
-            parameters = row_arrays[:num_parameters]
-            slot_values = iter(row_arrays[num_parameters:-1])
-            scratch = row_arrays[-1]
             num_rows = scratch.shape[0]
             index = classes - offset
             mine = ops.logical_and(index >= 0, index < num_rows)
             # Entries of other devices' classes are read at row 0 (and
-            # masked) and written nowhere (out of range: dropped).
+            # masked) and written nowhere (out of range: dropped); each is
+            # its own group.
             read_index = ops.where(mine, index, 0)
             write_index = ops.where(mine, index, num_rows)
             positions = ops.arange(ops.shape(classes)[0], dtype="int32")
@@ -483,47 +481,49 @@ class RowSparseOptimizer:
                 for g in self._entry_gradients(logit_gradients, features)
             ]
             new_parameters, new_slots = [], []
-            for parameter, has_slots, gradient in zip(
-                parameters, slotted, gradients
+            for parameter, parameter_slots, gradient in zip(
+                parameters, slots, gradients
             ):
-                rows = backend.take_rows(parameter, read_index)
-                slots = next(slot_values) if has_slots else None
                 slot_rows = (
-                    None if slots is None else backend.take_rows(slots, read_index)
+                    None
+                    if parameter_slots is None
+                    else backend.take_rows(parameter_slots, read_index)
                 )
-                new_rows, new_slot_rows = update_rows(
-                    self.optimizer, rows, gradient,
-                    self._split_slots(slot_rows), step, learning_rate,
+                new_rows, new_slot_rows = self._gated_update(
+                    backend.take_rows(parameter, read_index),
+                    slot_rows, gradient, valid, step, learning_rate,
                 )
                 new_parameters.append(
-                    backend.write_rows(
-                        parameter, write_index,
-                        backend.select(valid, new_rows, rows),
+                    backend.write_rows(parameter, write_index, new_rows)
+                )
+                new_slots.append(
+                    None
+                    if parameter_slots is None
+                    else backend.write_rows(
+                        parameter_slots, write_index, new_slot_rows
                     )
                 )
-                if slots is not None:
-                    new_slots.append(
-                        backend.write_rows(
-                            slots, write_index,
-                            backend.select(
-                                valid, self._stack_slots(new_slot_rows),
-                                slot_rows,
-                            ),
-                        )
-                    )
-            return new_parameters + new_slots + [scratch]
+            return new_parameters, new_slots, scratch
 
-        new_arrays = backend.map_row_shards(
+        # (parameters, their stacked slots or None, the group scratch).
+        variables = [self.parameters, self.slots, self.group_leaders]
+        new_values = backend.map_row_shards(
             update_local_rows,
             shards,
-            row_arrays,
-            [classes, logit_gradients, features, valid, step, learning_rate],
+            keras.tree.map_structure(
+                lambda variable: None if variable is None else variable.value,
+                variables,
+            ),
+            [
+                ops.reshape(ops.cast(classes, "int32"), (-1,)),
+                logit_gradients, features, valid, step, learning_rate,
+            ],
         )
-        variables = list(self.parameters)
-        variables += [slots for slots in self.slots if slots is not None]
-        variables.append(self.group_leaders)
-        for variable, value in zip(variables, new_arrays):
-            variable.assign(value)
+        for variable, value in zip(
+            keras.tree.flatten(variables), keras.tree.flatten(new_values)
+        ):
+            if variable is not None:
+                variable.assign(value)
 
     def _entry_gradients(self, logit_gradients, features):
         """Each entry's gradients of the kernel (and bias) rows, flat:

@@ -47,14 +47,21 @@ def is_tracing():
     return jax_utils.is_in_jax_tracing_scope()
 
 
+def _mesh_sharding(variable):
+    """The `NamedSharding` of `variable`'s `keras.distribution` layout, or
+    None (a variable created outside any distribution)."""
+    layout = getattr(variable, "_layout", None)
+    if isinstance(layout, keras.distribution.TensorLayout):
+        layout = layout.backend_layout
+    return layout if isinstance(layout, jax.sharding.NamedSharding) else None
+
+
 def row_shards(variable):
     """`(mesh, row_axis)` when `variable`'s rows are split over the mesh
     axis `row_axis` (a `keras.distribution` layout) and its other axes are
     whole; else None."""
-    layout = getattr(variable, "_layout", None)
-    if isinstance(layout, keras.distribution.TensorLayout):
-        layout = layout.backend_layout
-    if not isinstance(layout, jax.sharding.NamedSharding):
+    layout = _mesh_sharding(variable)
+    if layout is None:
         return None
     spec = tuple(layout.spec)
     if not spec or spec[0] is None or any(axis is not None for axis in spec[1:]):
@@ -120,31 +127,29 @@ def map_row_shards(function, shards, row_arrays, entries):
 
     Args:
         function: `function(row_offset, local_row_arrays, entries)` returns
-            the new `local_row_arrays` (a list, same shapes).
+            the new `local_row_arrays` (the same nesting and shapes).
         shards: `(mesh, row_axis)` of `row_shards`.
-        row_arrays: list of `(C, ...)` arrays split by rows like the kernel.
+        row_arrays: nested lists of `(C, ...)` arrays split by rows like the
+            kernel (Nones allowed).
         entries: list of arrays every device gets whole (the batch's
             entries, gathered over the batch axis: `O(batch * (n + d))`).
 
     Returns:
-        The list of new `(C, ...)` arrays, split as before.
+        The new `(C, ...)` arrays, nested as `row_arrays`, split as before.
     """
     mesh, row_axis = shards
     rows_spec = jax.sharding.PartitionSpec(row_axis)
 
     def local(row_arrays, entries):
-        offset = _row_offset(row_axis, row_arrays[0].shape[0])
-        return function(offset, row_arrays, entries)
+        num_rows = jax.tree.leaves(row_arrays)[0].shape[0]
+        return function(_row_offset(row_axis, num_rows), row_arrays, entries)
 
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(
-            [rows_spec] * len(row_arrays),
-            [jax.sharding.PartitionSpec()] * len(entries),
-        ),
-        out_specs=[rows_spec] * len(row_arrays),
-    )(list(row_arrays), list(entries))
+        in_specs=(rows_spec, jax.sharding.PartitionSpec()),
+        out_specs=rows_spec,
+    )(row_arrays, entries)
 
 
 def write_rows(values, indices, rows):
@@ -162,8 +167,8 @@ def rows_layout(parameter, shape):
     (optimizer slots stacked on axis 1), also splits its trailing axes like
     `parameter`; the axes in between are whole.
     """
-    sharding = getattr(parameter.value, "sharding", None)
-    if not isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = _mesh_sharding(parameter)
+    if sharding is None:
         return None
     spec = tuple(sharding.spec) + (None,) * (
         len(parameter.shape) - len(sharding.spec)
